@@ -1,0 +1,59 @@
+// Gaussian KL to N(0, I) or to a diagonal Gaussian prior on the CPU
+// (DESIGN §1 rows 2-3): KLTerm in terms.h, one row per iteration.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "terms.h"
+
+namespace fastelbo {
+namespace cpu {
+
+at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
+                           const std::optional<at::Tensor>& prior_logvar) {
+  check_like(mu, "mu", logvar, "logvar");
+  check_like(mu, "mu", prior_mu, "prior_mu");
+  check_like(mu, "mu", prior_logvar, "prior_logvar");
+  check_prior(prior_mu, prior_logvar);
+  auto kl = row_result(mu);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_cpu", [&] {
+    const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
+    scalar_t* out = kl.data_ptr<scalar_t>();
+    at::parallel_for(0, mu.size(0), row_grain(term.cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) out[i] = static_cast<scalar_t>(term.forward(i));
+    });
+  });
+  return kl;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
+    const std::optional<at::Tensor>& prior_logvar, std::array<bool, 4> output_mask) {
+  check_like(mu, "mu", logvar, "logvar");
+  check_like(mu, "mu", prior_mu, "prior_mu");
+  check_like(mu, "mu", prior_logvar, "prior_logvar");
+  check_prior(prior_mu, prior_logvar);
+  check_row_grad(grad, "grad", mu);
+  const bool has_prior = prior_mu.has_value();
+  std::array<at::Tensor, 4> d = {grad_or_empty(output_mask[0], mu), grad_or_empty(output_mask[1], mu),
+                                 grad_or_empty(output_mask[2] && has_prior, mu),
+                                 grad_or_empty(output_mask[3] && has_prior, mu)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_backward_cpu", [&] {
+    const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
+    const auto g = row_scalar<scalar_t>(grad);
+    at::parallel_for(0, mu.size(0), row_grain(term.cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        term.backward(i, g[i],
+                      {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[2], i),
+                       row_ptr<scalar_t>(d[3], i)});
+    });
+  });
+  return {d[0], d[1], d[2], d[3]};
+}
+
+TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {
+  m.impl("gaussian_kl", &gaussian_kl_cpu);
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastelbo

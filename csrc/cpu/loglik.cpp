@@ -1,0 +1,82 @@
+// Bernoulli and Gaussian log-likelihood on the CPU (DESIGN §1 rows 4-5):
+// LogLikTerm in terms.h, one row per iteration.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "terms.h"
+
+namespace fastelbo {
+namespace cpu {
+namespace {
+
+at::Tensor loglik_forward(Likelihood kind, const at::Tensor& recon, const at::Tensor& x,
+                          const std::optional<at::Tensor>& s) {
+  auto ll = row_result(recon);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_log_prob_cpu", [&] {
+    const LogLikTerm<scalar_t> term(kind, recon, x, s);
+    scalar_t* out = ll.data_ptr<scalar_t>();
+    at::parallel_for(0, recon.size(0), row_grain(term.cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) out[i] = static_cast<scalar_t>(term.forward(i));
+    });
+  });
+  return ll;
+}
+
+std::array<at::Tensor, 3> loglik_backward(Likelihood kind, const at::Tensor& grad, const at::Tensor& recon,
+                                          const at::Tensor& x, const std::optional<at::Tensor>& s,
+                                          std::array<bool, 3> mask) {
+  check_row_grad(grad, "grad", recon);
+  std::array<at::Tensor, 3> d = {grad_or_empty(mask[0], recon), grad_or_empty(mask[1], recon),
+                                 grad_or_empty(mask[2], recon)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_log_prob_backward_cpu", [&] {
+    const LogLikTerm<scalar_t> term(kind, recon, x, s);
+    const auto g = row_scalar<scalar_t>(grad);
+    at::parallel_for(0, recon.size(0), row_grain(term.cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        term.backward(i, g[i], {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[2], i)});
+    });
+  });
+  return d;
+}
+
+}  // namespace
+
+at::Tensor bernoulli_log_prob_cpu(const at::Tensor& logits, const at::Tensor& x) {
+  check_like(logits, "logits", x, "x");
+  return loglik_forward(Likelihood::kBernoulli, logits, x, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                                                   const at::Tensor& x, std::array<bool, 2> output_mask) {
+  check_like(logits, "logits", x, "x");
+  auto d = loglik_backward(Likelihood::kBernoulli, grad, logits, x, std::nullopt,
+                           {output_mask[0], output_mask[1], false});
+  return {d[0], d[1]};
+}
+
+at::Tensor gaussian_log_prob_cpu(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
+  check_like(mean, "mean", x, "x");
+  check_like(mean, "mean", logvar, "logvar");
+  return loglik_forward(Likelihood::kGaussian, mean, x, logvar);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(const at::Tensor& grad,
+                                                                              const at::Tensor& mean,
+                                                                              const at::Tensor& x,
+                                                                              const at::Tensor& logvar,
+                                                                              std::array<bool, 3> output_mask) {
+  check_like(mean, "mean", x, "x");
+  check_like(mean, "mean", logvar, "logvar");
+  auto d = loglik_backward(Likelihood::kGaussian, grad, mean, x, logvar, output_mask);
+  return {d[0], d[1], d[2]};
+}
+
+TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {
+  m.impl("bernoulli_log_prob", &bernoulli_log_prob_cpu);
+  m.impl("bernoulli_log_prob_backward", &bernoulli_log_prob_backward_cpu);
+  m.impl("gaussian_log_prob", &gaussian_log_prob_cpu);
+  m.impl("gaussian_log_prob_backward", &gaussian_log_prob_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastelbo

@@ -1,0 +1,156 @@
+// rows.h: the two loops every CPU kernel is made of, over one row of [B, D]
+// operands of any dtype and any strides (stride 0 is how broadcast priors and
+// observation variances arrive):
+//   reduce_row: sum_j f(in...[i, j])                 (forward: one value per row)
+//   map_row:    out...[i, j] = f(g[i], in...[i, j])  (backward: gradients)
+// Rows are walked in chunks of kChunk columns: unit-stride operands of the
+// accumulation type are read in place, anything else (float16/bfloat16,
+// strided) is converted once into an L1-resident scratch chunk.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+
+#include "../fastelbo_math.h"
+#include "vec_math.h"
+
+namespace fastelbo {
+namespace cpu {
+
+// float32 math for float32/float16/bfloat16, float64 for float64 (DESIGN §1).
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kChunk = 512;
+
+// Rows per parallel task: enough columns that a task outweighs its dispatch.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+// A read-only [B, D] operand, dtype T, arbitrary strides.
+template <class T>
+struct Operand {
+  const T* data = nullptr;
+  int64_t s0 = 0, s1 = 0;
+
+  // n accumulation-typed values of row i from column j: in place when possible.
+  const acc_t<T>* chunk(int64_t i, int64_t j, int64_t n, acc_t<T>* scratch) const {
+    const T* p = data + i * s0 + j * s1;
+    if constexpr (std::is_same_v<T, acc_t<T>>) {
+      if (s1 == 1) return p;
+    }
+    if (s1 == 1) {
+      for (int64_t k = 0; k < n; ++k) scratch[k] = static_cast<acc_t<T>>(p[k]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) scratch[k] = static_cast<acc_t<T>>(p[k * s1]);
+    }
+    return scratch;
+  }
+};
+
+template <class T>
+Operand<T> operand(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 2);
+  return Operand<T>{t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+// A [B] vector (upstream gradients arrive expanded, stride 0, as often as not).
+template <class T>
+struct RowScalar {
+  const T* data = nullptr;
+  int64_t s0 = 0;
+  acc_t<T> operator[](int64_t i) const { return data ? static_cast<acc_t<T>>(data[i * s0]) : acc_t<T>(0); }
+};
+
+template <class T>
+RowScalar<T> row_scalar(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 1);
+  return RowScalar<T>{t.const_data_ptr<T>(), t.stride(0)};
+}
+
+// Writes n accumulation-typed values into row i (contiguous output we allocated).
+template <class T>
+inline void store_chunk(T* out_row, int64_t j, int64_t n, const acc_t<T>* src) {
+  for (int64_t k = 0; k < n; ++k) out_row[j + k] = static_cast<T>(src[k]);
+}
+
+// sum_j f(v_0[i, j], ..., v_{N-1}[i, j]) with f taking std::array<Vectorized, N>.
+// Chunk sums are added in double so long rows keep float32-rounding accuracy.
+template <class T, size_t N, class F>
+double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, F f) {
+  using A = acc_t<T>;
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  alignas(64) A scratch[N][kChunk];
+  double total = 0.0;
+  for (int64_t j = 0; j < cols; j += kChunk) {
+    const int64_t n = std::min(kChunk, cols - j);
+    const A* p[N];
+    for (size_t q = 0; q < N; ++q) p[q] = in[q].chunk(i, j, n, scratch[q]);
+    Vec acc(A(0));
+    std::array<Vec, N> v;
+    int64_t k = 0;
+    for (; k + W <= n; k += W) {
+      for (size_t q = 0; q < N; ++q) v[q] = Vec::loadu(p[q] + k);
+      acc += f(v);
+    }
+    if (k < n) {
+      for (size_t q = 0; q < N; ++q) v[q] = Vec::loadu(p[q] + k, n - k);
+      acc += Vec::set(Vec(A(0)), f(v), n - k);
+    }
+    alignas(64) A lanes[W];
+    acc.store(lanes);
+    for (int64_t l = 0; l < W; ++l) total += static_cast<double>(lanes[l]);
+  }
+  return total;
+}
+
+// out_m[i, j] = f(g, v_0[i, j], ...)_m for the outputs whose row pointer is set.
+// f(Vec g, std::array<Vec, N> v, std::array<Vec, M>& out).
+template <class T, size_t N, size_t M, class F>
+void map_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t<T> g,
+             const std::array<T*, M>& out_rows, F f) {
+  using A = acc_t<T>;
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  alignas(64) A scratch[N][kChunk];
+  alignas(64) A result[M][kChunk];
+  const Vec gv(g);
+  for (int64_t j = 0; j < cols; j += kChunk) {
+    const int64_t n = std::min(kChunk, cols - j);
+    const A* p[N];
+    for (size_t q = 0; q < N; ++q) p[q] = in[q].chunk(i, j, n, scratch[q]);
+    std::array<Vec, N> v;
+    std::array<Vec, M> o;
+    for (int64_t k = 0; k < n; k += W) {
+      const int64_t w = std::min(W, n - k);
+      for (size_t q = 0; q < N; ++q) v[q] = w == W ? Vec::loadu(p[q] + k) : Vec::loadu(p[q] + k, w);
+      f(gv, v, o);
+      for (size_t m = 0; m < M; ++m) {
+        if (!out_rows[m]) continue;
+        if constexpr (std::is_same_v<T, A>) {
+          o[m].store(out_rows[m] + j + k, w);
+        } else {
+          o[m].store(result[m] + k, w);
+        }
+      }
+    }
+    if constexpr (!std::is_same_v<T, A>) {
+      for (size_t m = 0; m < M; ++m)
+        if (out_rows[m]) store_chunk(out_rows[m], j, n, result[m]);
+    }
+  }
+}
+
+// Contiguous output row pointer, or nullptr for an output not asked for.
+template <class T>
+inline T* row_ptr(const at::Tensor& out, int64_t i) {
+  return out.numel() ? out.data_ptr<T>() + i * out.stride(0) : nullptr;
+}
+
+}  // namespace cpu
+}  // namespace fastelbo

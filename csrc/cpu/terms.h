@@ -1,0 +1,108 @@
+// terms.h: the two per-row terms of the ELBO on the CPU, forward and backward
+// side by side, each a reduce_row / map_row over the formulas of fastelbo_math.h.
+// Used alone by kl.cpp and loglik.cpp and together by elbo.cpp.
+#pragma once
+
+#include <string_view>
+
+#include "checks.h"
+#include "rows.h"
+
+namespace fastelbo {
+namespace cpu {
+
+// KL(q || p) of one row, q = N(mu, e^lv), p = N(0, I) or N(pmu, e^plv).
+template <class T>
+struct KLTerm {
+  using A = acc_t<T>;
+  using Vec = at::vec::Vectorized<A>;
+  Operand<T> mu, lv, pmu, plv;
+  bool has_prior;
+  int64_t cols;
+
+  KLTerm(const at::Tensor& mu_, const at::Tensor& lv_, const std::optional<at::Tensor>& pmu_,
+         const std::optional<at::Tensor>& plv_)
+      : mu(operand<T>(mu_)), lv(operand<T>(lv_)), has_prior(pmu_.has_value()), cols(mu_.size(1)) {
+    if (has_prior) {
+      pmu = operand<T>(*pmu_);
+      plv = operand<T>(*plv_);
+    }
+  }
+
+  double forward(int64_t i) const {
+    if (!has_prior)
+      return reduce_row<T, 2>({mu, lv}, i, cols, [](const std::array<Vec, 2>& v) { return kl_std(v[0], v[1]); });
+    return reduce_row<T, 4>({mu, lv, pmu, plv}, i, cols,
+                            [](const std::array<Vec, 4>& v) { return kl_normal(v[0], v[1], v[2], v[3]); });
+  }
+
+  // out = {dmu, dlv, dpmu, dplv} rows (nullptr: not wanted).
+  void backward(int64_t i, A g, const std::array<T*, 4>& out) const {
+    if (!has_prior) {
+      map_row<T, 2, 2>({mu, lv}, i, cols, g, {out[0], out[1]},
+                       [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
+                         kl_std_grad(gv, v[0], v[1], o[0], o[1]);
+                       });
+      return;
+    }
+    map_row<T, 4, 4>({mu, lv, pmu, plv}, i, cols, g, out,
+                     [](const Vec& gv, const std::array<Vec, 4>& v, std::array<Vec, 4>& o) {
+                       kl_normal_grad(gv, v[0], v[1], v[2], v[3], o[0], o[1], o[2], o[3]);
+                     });
+  }
+};
+
+enum class Likelihood { kBernoulli, kGaussian };
+
+inline Likelihood parse_likelihood(std::string_view name) {
+  if (name == "bernoulli") return Likelihood::kBernoulli;
+  if (name == "gaussian") return Likelihood::kGaussian;
+  TORCH_CHECK(false, "fastelbo: likelihood must be 'bernoulli' or 'gaussian', got '", std::string(name), "'");
+}
+
+// log p(x | recon) of one row: Bernoulli with logits recon, or Gaussian with
+// mean recon and log-variance s (any broadcast of it, arriving as strides).
+template <class T>
+struct LogLikTerm {
+  using A = acc_t<T>;
+  using Vec = at::vec::Vectorized<A>;
+  Likelihood kind;
+  Operand<T> recon, x, s;
+  int64_t cols;
+
+  LogLikTerm(Likelihood kind_, const at::Tensor& recon_, const at::Tensor& x_, const std::optional<at::Tensor>& s_)
+      : kind(kind_), recon(operand<T>(recon_)), x(operand<T>(x_)), cols(recon_.size(1)) {
+    if (kind == Likelihood::kGaussian) s = operand<T>(*s_);
+  }
+
+  double forward(int64_t i) const {
+    if (kind == Likelihood::kBernoulli)
+      return reduce_row<T, 2>({recon, x}, i, cols,
+                              [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); });
+    return reduce_row<T, 3>({recon, x, s}, i, cols,
+                            [](const std::array<Vec, 3>& v) { return gaussian_ll(v[0], v[1], v[2]); });
+  }
+
+  // out = {drecon, dx, ds} rows (nullptr: not wanted; ds unused for Bernoulli).
+  void backward(int64_t i, A g, const std::array<T*, 3>& out) const {
+    if (kind == Likelihood::kBernoulli) {
+      map_row<T, 2, 2>({recon, x}, i, cols, g, {out[0], out[1]},
+                       [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
+                         bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
+                       });
+      return;
+    }
+    map_row<T, 3, 3>({recon, x, s}, i, cols, g, out,
+                     [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
+                       gaussian_ll_grad(gv, v[0], v[1], v[2], o[0], o[1], o[2]);
+                     });
+  }
+};
+
+// Per-row results are written in the rows' dtype.
+inline at::Tensor row_result(const at::Tensor& like) {
+  return at::empty({like.size(0)}, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+}  // namespace cpu
+}  // namespace fastelbo

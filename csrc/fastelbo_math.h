@@ -1,0 +1,227 @@
+// fastelbo_math.h: the per-element math of DESIGN.md §1 and the noise of §2,
+// written once for every C++ backend.
+//
+// Every formula is a template over the value type V. V is `float` or `double`
+// on the host and on the device (nvcc), and at::vec::Vectorized<float|double>
+// in the CPU kernels: the formulas only use + - * on V and the transcendental
+// functions of Math<V>, which each backend specializes. No torch headers here.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTELBO_HD __host__ __device__ __forceinline__
+#else
+#define FASTELBO_HD inline
+#endif
+
+namespace fastelbo {
+
+// ---------------------------------------------------------------------------
+// Math<V>: exp, log, log1p, sqrt, sin, cos, abs, max0 (max(x, 0)) and
+// select_nonneg(x, a, b) = (x >= 0 ? a : b). Scalars here; vectors in
+// csrc/cpu/vec_math.h.
+// ---------------------------------------------------------------------------
+template <class V>
+struct Math;
+
+template <>
+struct Math<float> {
+  static FASTELBO_HD float exp(float x) { return ::expf(x); }
+  static FASTELBO_HD float log(float x) { return ::logf(x); }
+  static FASTELBO_HD float log1p(float x) { return ::log1pf(x); }
+  static FASTELBO_HD float sqrt(float x) { return ::sqrtf(x); }
+  static FASTELBO_HD float sin(float x) { return ::sinf(x); }
+  static FASTELBO_HD float cos(float x) { return ::cosf(x); }
+  static FASTELBO_HD float abs(float x) { return ::fabsf(x); }
+  // NaN-propagating, unlike fmaxf.
+  static FASTELBO_HD float max0(float x) { return x < 0.0f ? 0.0f : x; }
+  static FASTELBO_HD float maximum(float a, float b) { return a < b ? b : a; }
+  static FASTELBO_HD float select_nonneg(float x, float a, float b) { return x >= 0.0f ? a : b; }
+};
+
+template <>
+struct Math<double> {
+  static FASTELBO_HD double exp(double x) { return ::exp(x); }
+  static FASTELBO_HD double log(double x) { return ::log(x); }
+  static FASTELBO_HD double log1p(double x) { return ::log1p(x); }
+  static FASTELBO_HD double sqrt(double x) { return ::sqrt(x); }
+  static FASTELBO_HD double sin(double x) { return ::sin(x); }
+  static FASTELBO_HD double cos(double x) { return ::cos(x); }
+  static FASTELBO_HD double abs(double x) { return ::fabs(x); }
+  static FASTELBO_HD double max0(double x) { return x < 0.0 ? 0.0 : x; }
+  static FASTELBO_HD double maximum(double a, double b) { return a < b ? b : a; }
+  static FASTELBO_HD double select_nonneg(double x, double a, double b) { return x >= 0.0 ? a : b; }
+};
+
+// log(2*pi), as a double; converted to V where used.
+constexpr double kLog2Pi = 1.8378770664093453;
+
+// ---------------------------------------------------------------------------
+// Reparameterized sample, one element:  z = mu + e^(lv/2) * eps
+//   d/dmu = 1,  d/dlv = (z - mu) / 2 = e^(lv/2) * eps / 2,  d/deps = e^(lv/2)
+// ---------------------------------------------------------------------------
+template <class V>
+FASTELBO_HD V reparam(V mu, V lv, V eps) {
+  return mu + Math<V>::exp(V(0.5) * lv) * eps;
+}
+
+template <class V>
+FASTELBO_HD void reparam_grad(V g, V lv, V eps, V& dlv, V& deps) {
+  deps = g * Math<V>::exp(V(0.5) * lv);
+  dlv = V(0.5) * deps * eps;
+}
+
+// ---------------------------------------------------------------------------
+// KL(N(mu, e^lv) || N(0, 1)), one element:  0.5 * (e^lv + mu^2 - 1 - lv)
+//   d/dmu = mu,  d/dlv = (e^lv - 1) / 2
+// ---------------------------------------------------------------------------
+template <class V>
+FASTELBO_HD V kl_std(V mu, V lv) {
+  return V(0.5) * (Math<V>::exp(lv) + mu * mu - V(1) - lv);
+}
+
+template <class V>
+FASTELBO_HD void kl_std_grad(V g, V mu, V lv, V& dmu, V& dlv) {
+  dmu = g * mu;
+  dlv = g * V(0.5) * (Math<V>::exp(lv) - V(1));
+}
+
+// ---------------------------------------------------------------------------
+// KL(N(mu, e^lv) || N(pmu, e^plv)), one element:
+//   0.5 * (plv - lv + (e^lv + (mu - pmu)^2) * e^-plv - 1)
+// e^(lv - plv) instead of e^lv * e^-plv keeps equal large variances finite.
+//   d/dmu  = (mu - pmu) e^-plv          d/dpmu = -d/dmu
+//   d/dlv  = (e^(lv - plv) - 1) / 2     d/dplv = (1 - (e^lv + (mu - pmu)^2) e^-plv) / 2
+// ---------------------------------------------------------------------------
+template <class V>
+FASTELBO_HD V kl_normal(V mu, V lv, V pmu, V plv) {
+  const V d = mu - pmu;
+  const V ratio = Math<V>::exp(lv - plv) + d * d * Math<V>::exp(-plv);
+  return V(0.5) * (plv - lv + ratio - V(1));
+}
+
+template <class V>
+FASTELBO_HD void kl_normal_grad(V g, V mu, V lv, V pmu, V plv, V& dmu, V& dlv, V& dpmu, V& dplv) {
+  const V d = mu - pmu;
+  const V inv_pvar = Math<V>::exp(-plv);
+  const V var_ratio = Math<V>::exp(lv - plv);
+  dmu = g * d * inv_pvar;
+  dpmu = V(0) - dmu;
+  dlv = g * V(0.5) * (var_ratio - V(1));
+  dplv = g * V(0.5) * (V(1) - var_ratio - d * d * inv_pvar);
+}
+
+// ---------------------------------------------------------------------------
+// Bernoulli log-likelihood with logits l and target x in [0, 1], one element:
+//   x*l - softplus(l),  softplus(l) = max(l, 0) + log1p(e^-|l|)
+//   d/dl = x - sigmoid(l),  d/dx = l
+// One t = e^-|l| serves softplus and sigmoid: sigmoid(l) = 1/(1+t) for l >= 0,
+// t/(1+t) otherwise, both free of overflow.
+// ---------------------------------------------------------------------------
+template <class V>
+FASTELBO_HD V bernoulli_ll(V l, V x) {
+  const V t = Math<V>::exp(V(0) - Math<V>::abs(l));
+  return x * l - (Math<V>::max0(l) + Math<V>::log1p(t));
+}
+
+template <class V>
+FASTELBO_HD V sigmoid(V l) {
+  const V t = Math<V>::exp(V(0) - Math<V>::abs(l));
+  const V r = V(1) / (V(1) + t);
+  return Math<V>::select_nonneg(l, r, t * r);
+}
+
+template <class V>
+FASTELBO_HD void bernoulli_ll_grad(V g, V l, V x, V& dl, V& dx) {
+  dl = g * (x - sigmoid(l));
+  dx = g * l;
+}
+
+// ---------------------------------------------------------------------------
+// Gaussian log-likelihood with mean m and log-variance s, one element:
+//   -0.5 * (log 2pi + s + (x - m)^2 e^-s)
+//   d/dm = (x - m) e^-s,  d/dx = -d/dm,  d/ds = -(1 - (x - m)^2 e^-s) / 2
+// ---------------------------------------------------------------------------
+template <class V>
+FASTELBO_HD V gaussian_ll(V m, V x, V s) {
+  const V d = x - m;
+  return V(-0.5) * (V(kLog2Pi) + s + d * d * Math<V>::exp(V(0) - s));
+}
+
+template <class V>
+FASTELBO_HD void gaussian_ll_grad(V g, V m, V x, V s, V& dm, V& dx, V& ds) {
+  const V d = x - m;
+  const V w = d * Math<V>::exp(V(0) - s);
+  dm = g * w;
+  dx = V(0) - dm;
+  ds = g * V(-0.5) * (V(1) - d * w);
+}
+
+// ---------------------------------------------------------------------------
+// Noise (DESIGN §2): Philox4x32-10 keyed by a 64-bit seed, as Triton's
+// tl.randint4x / tl.randn4x define it. Element n of the sampled tensor
+// (row-major) is lane n % 4 of the four normals of counter group n / 4:
+//   counter = (lo32(n/4), hi32(n/4), 0, 0),  key = (lo32(seed), hi32(seed))
+//   uniform(u) = float(u as int32, negatives mapped by ~) * 4.6566127342e-10f
+//   (n0, n1) = BoxMuller(u0, u1),  (n2, n3) = BoxMuller(u2, u3)
+// The uniforms are exact float32 values on every backend; Box-Muller runs in
+// the accumulation type (float64 for float64 inputs, float32 otherwise).
+// ---------------------------------------------------------------------------
+struct Philox4 {
+  uint32_t v[4];
+};
+
+FASTELBO_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+FASTELBO_HD Philox4 philox4x32_10(uint64_t group, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
+  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t p0 = c0, p2 = c2;
+    c0 = umulhi32(kRoundB, p2) ^ c1 ^ k0;
+    c2 = umulhi32(kRoundA, p0) ^ c3 ^ k1;
+    c1 = kRoundB * p2;
+    c3 = kRoundA * p0;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+FASTELBO_HD float philox_uniform(uint32_t bits) {
+  int32_t x = static_cast<int32_t>(bits);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// Box-Muller on one pair of uniforms, as tl.pair_uniform_to_normal.
+template <class V>
+FASTELBO_HD void box_muller(V u0, V u1, V& n0, V& n1) {
+  const V r = Math<V>::sqrt(V(-2.0) * Math<V>::log(Math<V>::maximum(V(1.0e-7), u0)));
+  const V th = V(6.283185307179586) * u1;
+  n0 = r * Math<V>::cos(th);
+  n1 = r * Math<V>::sin(th);
+}
+
+// eps for logical element n: the scalar path (CUDA threads, tails).
+template <class T>
+FASTELBO_HD T normal_at(uint64_t seed, uint64_t n) {
+  const Philox4 b = philox4x32_10(n >> 2, seed);
+  const int lane = static_cast<int>(n & 3);
+  const T u0 = static_cast<T>(philox_uniform(b.v[lane < 2 ? 0 : 2]));
+  const T u1 = static_cast<T>(philox_uniform(b.v[lane < 2 ? 1 : 3]));
+  T n0, n1;
+  box_muller(u0, u1, n0, n1);
+  return (lane & 1) ? n1 : n0;
+}
+
+}  // namespace fastelbo

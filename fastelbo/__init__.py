@@ -1,0 +1,32 @@
+"""fastelbo: fused, exact ELBO losses for PyTorch.
+
+    import fastelbo
+    z = fastelbo.rsample(mu, logvar)                        # reparameterized sample
+    loss = fastelbo.ELBOLoss()(recon_logits, x, mu, logvar)  # negative ELBO, fused
+
+See fastelbo.functional for the functions, fastelbo.reference for the
+torch.distributions ground truth every backend is tested against.
+"""
+
+from . import _ops  # noqa: F401  (registers the fastelbo:: ops)
+from . import reference
+from ._backend import FallbackWarning
+from ._validate import set_default_validate_args
+from .functional import ELBOTerms, bernoulli_log_prob, elbo, gaussian_kl, gaussian_log_prob, rsample
+from .loss import ELBOLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "rsample",
+    "gaussian_kl",
+    "bernoulli_log_prob",
+    "gaussian_log_prob",
+    "elbo",
+    "ELBOTerms",
+    "ELBOLoss",
+    "FallbackWarning",
+    "set_default_validate_args",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,207 @@
+"""The ``fastelbo::`` custom ops: schemas, fake kernels and autograd.
+
+The schemas live here, in Python, rather than in a C++ TORCH_LIBRARY block:
+the ops must exist (for fake tensors, torch.compile, autograd and the
+reference fallback) whether or not the C++ kernels could be built on this
+machine. The kernels register against these names per dispatch key:
+csrc/cpu (TORCH_LIBRARY_IMPL(fastelbo, CPU)) and, later, csrc/cuda.
+
+Each forward op has a backward op; autograd calls the backward op, never the
+kernels' internals. Backward ops take a ``bool[n] output_mask`` (as ATen's
+native backward functions do) and return an empty tensor for a gradient
+that was not asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LIB = torch.library.Library("fastelbo", "DEF")
+
+_SCHEMAS = {
+    "rsample": "(Tensor mu, Tensor logvar, Tensor seed, Tensor? eps) -> Tensor",
+    "rsample_backward": "(Tensor grad_z, Tensor logvar, Tensor seed, Tensor? eps, bool[2] output_mask)"
+    " -> (Tensor, Tensor)",
+    "philox_noise": "(Tensor seed, int n, bool normal, ScalarType dtype) -> Tensor",
+    "gaussian_kl": "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
+    "gaussian_kl_backward": "(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar,"
+    " bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bernoulli_log_prob": "(Tensor logits, Tensor x) -> Tensor",
+    "bernoulli_log_prob_backward": "(Tensor grad, Tensor logits, Tensor x, bool[2] output_mask) -> (Tensor, Tensor)",
+    "gaussian_log_prob": "(Tensor mean, Tensor x, Tensor logvar) -> Tensor",
+    "gaussian_log_prob_backward": "(Tensor grad, Tensor mean, Tensor x, Tensor logvar, bool[3] output_mask)"
+    " -> (Tensor, Tensor, Tensor)",
+    "elbo": "(Tensor x, Tensor recon, Tensor mu, Tensor logvar, Tensor? obs_logvar, Tensor? prior_mu,"
+    " Tensor? prior_logvar, str likelihood, float beta) -> (Tensor, Tensor, Tensor)",
+    "elbo_backward": "(Tensor? grad_elbo, Tensor? grad_loglik, Tensor? grad_kl, Tensor x, Tensor recon, Tensor mu,"
+    " Tensor logvar, Tensor? obs_logvar, Tensor? prior_mu, Tensor? prior_logvar, str likelihood, float beta,"
+    " bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+for _name, _schema in _SCHEMAS.items():
+    LIB.define(_name + _schema, tags=(torch.Tag.pt2_compliant_tag,))
+
+ops = torch.ops.fastelbo
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: shapes only. Every real kernel returns fresh contiguous tensors.
+# ---------------------------------------------------------------------------
+def _grads(mask, like):
+    return tuple(like.new_empty(like.shape) if wanted else like.new_empty(0) for wanted in mask)
+
+
+def _rows(like):
+    return like.new_empty(like.shape[0])
+
+
+@torch.library.register_fake("fastelbo::rsample")
+def _(mu, logvar, seed, eps):
+    return mu.new_empty(mu.shape)
+
+
+@torch.library.register_fake("fastelbo::rsample_backward")
+def _(grad_z, logvar, seed, eps, output_mask):
+    return _grads((output_mask[0], output_mask[1]), logvar)
+
+
+@torch.library.register_fake("fastelbo::philox_noise")
+def _(seed, n, normal, dtype):
+    return seed.new_empty(n, dtype=dtype)
+
+
+@torch.library.register_fake("fastelbo::gaussian_kl")
+def _(mu, logvar, prior_mu, prior_logvar):
+    return _rows(mu)
+
+
+@torch.library.register_fake("fastelbo::gaussian_kl_backward")
+def _(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
+    has_prior = prior_mu is not None
+    mask = (output_mask[0], output_mask[1], output_mask[2] and has_prior, output_mask[3] and has_prior)
+    return _grads(mask, mu)
+
+
+@torch.library.register_fake("fastelbo::bernoulli_log_prob")
+def _(logits, x):
+    return _rows(logits)
+
+
+@torch.library.register_fake("fastelbo::bernoulli_log_prob_backward")
+def _(grad, logits, x, output_mask):
+    return _grads(output_mask, logits)
+
+
+@torch.library.register_fake("fastelbo::gaussian_log_prob")
+def _(mean, x, logvar):
+    return _rows(mean)
+
+
+@torch.library.register_fake("fastelbo::gaussian_log_prob_backward")
+def _(grad, mean, x, logvar, output_mask):
+    return _grads(output_mask, mean)
+
+
+@torch.library.register_fake("fastelbo::elbo")
+def _(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta):
+    torch._check(mu.shape[0] == recon.shape[0], lambda: "mu and recon must have the same batch size")
+    return _rows(recon), _rows(recon), _rows(recon)
+
+
+@torch.library.register_fake("fastelbo::elbo_backward")
+def _(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta,
+      output_mask):
+    gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
+    mask = [output_mask[0], output_mask[1], output_mask[2], output_mask[3], output_mask[4] and gaussian,
+            output_mask[5] and has_prior, output_mask[6] and has_prior]
+    return tuple(
+        (like.new_empty(like.shape) if wanted else like.new_empty(0))
+        for wanted, like in zip(mask, (x, recon, mu, mu, recon, mu, mu))
+    )
+
+
+# ---------------------------------------------------------------------------
+# Autograd: save inputs only (never eps, never a [B, D] intermediate), call the
+# backward op with the mask of gradients autograd asked for.
+# ---------------------------------------------------------------------------
+def _or_none(grads, mask):
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+
+def _save_inputs(ctx, inputs):
+    """Keeps the inputs when some gradient is needed (they are inputs: no new memory)."""
+    tensors = [t if isinstance(t, torch.Tensor) else None for t in inputs]
+    ctx.save_for_backward(*(tensors if any(ctx.needs_input_grad) else [None] * len(tensors)))
+    ctx.scalars = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def _saved(ctx):
+    return [t if s is None else s for t, s in zip(ctx.saved_tensors, ctx.scalars)]
+
+
+def _rsample_setup(ctx, inputs, output):
+    mu, logvar, seed, eps = inputs
+    # Backward needs logvar and the seed (or the caller's eps); never mu, never z.
+    needed = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+    ctx.save_for_backward(*((logvar, seed, eps) if needed else (None, None, None)))
+
+
+def _rsample_backward(ctx, grad_z):
+    logvar, seed, eps = ctx.saved_tensors
+    need_mu, need_lv, _, need_eps = ctx.needs_input_grad
+    dlv = deps = None
+    if need_lv or need_eps:
+        dlv, deps = ops.rsample_backward(grad_z, logvar, seed, eps, [need_lv, need_eps])
+    return grad_z if need_mu else None, dlv if need_lv else None, None, deps if need_eps else None
+
+
+torch.library.register_autograd("fastelbo::rsample", _rsample_backward, setup_context=_rsample_setup)
+
+
+def _kl_backward(ctx, grad):
+    mu, logvar, prior_mu, prior_logvar = _saved(ctx)
+    mask = list(ctx.needs_input_grad[:4])
+    grads = ops.gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, mask)
+    return _or_none(grads, mask)
+
+
+torch.library.register_autograd(
+    "fastelbo::gaussian_kl", _kl_backward, setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs)
+)
+
+
+def _bernoulli_backward(ctx, grad):
+    logits, x = _saved(ctx)
+    mask = list(ctx.needs_input_grad[:2])
+    return _or_none(ops.bernoulli_log_prob_backward(grad, logits, x, mask), mask)
+
+
+torch.library.register_autograd(
+    "fastelbo::bernoulli_log_prob", _bernoulli_backward,
+    setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs),
+)
+
+
+def _gaussian_backward(ctx, grad):
+    mean, x, logvar = _saved(ctx)
+    mask = list(ctx.needs_input_grad[:3])
+    return _or_none(ops.gaussian_log_prob_backward(grad, mean, x, logvar, mask), mask)
+
+
+torch.library.register_autograd(
+    "fastelbo::gaussian_log_prob", _gaussian_backward,
+    setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs),
+)
+
+
+def _elbo_backward(ctx, grad_elbo, grad_loglik, grad_kl):
+    x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta = _saved(ctx)
+    mask = list(ctx.needs_input_grad[:7])
+    grads = ops.elbo_backward(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_mu,
+                              prior_logvar, likelihood, beta, mask)
+    return _or_none(grads, mask) + (None, None)
+
+
+torch.library.register_autograd(
+    "fastelbo::elbo", _elbo_backward, setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs)
+)

@@ -1,0 +1,107 @@
+"""Argument checks of the public API: every error names the argument and what
+was expected. Broadcasting is limited to what the API documents: priors and
+the observation log-variance may be given per feature and are expanded over
+the batch (a stride-0 view, no copy); nothing else is broadcast.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+_VALIDATE_ARGS = True
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def set_default_validate_args(value: bool) -> None:
+    """Turns the value checks (x in [0, 1] for Bernoulli) on or off, like
+    torch.distributions.Distribution.set_default_validate_args."""
+    global _VALIDATE_ARGS
+    if not isinstance(value, bool):
+        raise TypeError(f"validate_args must be a bool; got {type(value).__name__}")
+    _VALIDATE_ARGS = value
+
+
+def validate_args_enabled(validate_args: bool | None) -> bool:
+    return _VALIDATE_ARGS if validate_args is None else bool(validate_args)
+
+
+def tensor2d(t, name: str, dims: str = "[B, D]") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}; got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); "
+                        f"got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D {dims}; got shape {tuple(t.shape)}")
+    return t
+
+
+def same_kind(ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}); got {t.dtype} "
+                        "(mixed dtypes are not promoted: cast explicitly)")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}); got {t.device}")
+
+
+def pair(a, a_name: str, b, b_name: str, dims: str = "[B, D]") -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [B, D] tensors of one shape, dtype and device."""
+    tensor2d(a, a_name, dims)
+    tensor2d(b, b_name, dims)
+    same_kind(a, a_name, b, b_name)
+    if a.shape != b.shape:
+        raise ValueError(f"{b_name} must have the shape of {a_name} {tuple(a.shape)}; got {tuple(b.shape)}")
+    return a, b
+
+
+def per_feature(value, name: str, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A number, or a tensor of shape [], [D], [1, D] or [B, D], expanded to like's [B, D]."""
+    rows, cols = like.shape
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.full((), float(value), dtype=like.dtype, device=like.device).expand(rows, cols)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a number or a tensor; got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor; got {value.dtype}")
+    same_kind(like, like_name, value, name)
+    allowed = {(), (cols,), (1, cols), (rows, cols)}
+    if tuple(value.shape) not in allowed:
+        raise ValueError(f"{name} must be a number or have shape [], [{cols}], [1, {cols}] or [{rows}, {cols}] "
+                         f"(per feature, broadcast over the batch of {like_name}); got {tuple(value.shape)}")
+    return value.expand(rows, cols)
+
+
+def prior(prior_mu, prior_logvar, mu: torch.Tensor):
+    """(prior_mu, prior_logvar) expanded to mu's shape, or (None, None) for N(0, I).
+    A missing half of a given prior is its standard value (mean 0, log-variance 0)."""
+    if prior_mu is None and prior_logvar is None:
+        return None, None
+    pmu = per_feature(0.0 if prior_mu is None else prior_mu, "prior_mu", mu, "mu")
+    plv = per_feature(0.0 if prior_logvar is None else prior_logvar, "prior_logvar", mu, "mu")
+    return pmu, plv
+
+
+def choice(value, name: str, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {value!r}")
+    return value
+
+
+def unit_interval(x: torch.Tensor, name: str = "x") -> None:
+    """Bernoulli targets must lie in [0, 1] (NaN passes and propagates)."""
+    bad = ((x < 0) | (x > 1)).any()
+    msg = (f"{name} must lie in [0, 1] for the Bernoulli likelihood (pass validate_args=False to skip this check)")
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad, msg)
+    elif bool(bad):
+        raise ValueError(msg)
+
+
+def beta_value(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a real number; got {type(beta).__name__}")
+    return float(beta)
