@@ -52,6 +52,22 @@ def _fallback(name: str, why: str) -> str:
     return "reference"
 
 
+def available(name: str, device_type: str) -> tuple[bool, str]:
+    """Whether backend `name` can run tensors of `device_type` here, and why not.
+
+    Builds/loads kernels as needed; never raises for an unavailable backend.
+    """
+    if name == "reference":
+        return True, ""
+    if name in _UNRELEASED:
+        return False, _UNRELEASED[name]
+    if name == "cpu":
+        if device_type != "cpu":
+            return False, f"backend 'cpu' runs on CPU tensors, not {device_type}"
+        return _build.cpu_extension_status()
+    raise ValueError(f"unknown backend {name!r}")
+
+
 @torch.compiler.assume_constant_result
 def resolve(backend: str, device_type: str) -> str:
     """The backend that runs a call on tensors of `device_type`.
@@ -66,6 +82,9 @@ def resolve(backend: str, device_type: str) -> str:
         return name
     if name == "auto":
         candidates = _BY_DEVICE.get(device_type, ())
+        for candidate in candidates:
+            if available(candidate, device_type)[0]:
+                return candidate
         if not candidates:
             return _fallback(f"auto ({device_type})", f"no fastelbo kernels run on {device_type} tensors yet")
         name = candidates[0]
@@ -75,8 +94,8 @@ def resolve(backend: str, device_type: str) -> str:
     if name == "cpu" and device_type != "cpu":
         raise ValueError(f"backend='cpu' runs on CPU tensors; got {device_type} tensors "
                          "(use backend='auto' or 'reference')")
-    loaded, why = _build.cpu_extension_status()
-    return name if loaded else _fallback(name, why)
+    ok, why = available(name, device_type)
+    return name if ok else _fallback(name, why)
 
 
 def impl(backend: str, device: torch.device):

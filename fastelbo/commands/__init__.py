@@ -1,0 +1,1 @@
+"""Subcommands of the fastelbo command line (see fastelbo.cli)."""
