@@ -18,8 +18,27 @@
 
 namespace fastelbo {
 
+// log1p(t) for t in (0, 1], the only range softplus needs (t = e^-|l|):
+//   log1p(t) = 2 atanh(s), s = t / (2 + t) <= 1/3, atanh(s) = s * sum_k s^2k / (2k + 1)
+// Seven terms leave a truncation below 2e-8 relative: float32 rounding. About
+// four times cheaper than a general log1p on the CPU (PERF-NOTES). Math<V>
+// picks it for single precision; double keeps the library log1p.
+template <class V>
+FASTELBO_HD V log1p_unit_series(V t) {
+  const V s = t / (V(2) + t);
+  const V w = s * s;
+  V p = V(1.0 / 13);
+  p = p * w + V(1.0 / 11);
+  p = p * w + V(1.0 / 9);
+  p = p * w + V(1.0 / 7);
+  p = p * w + V(1.0 / 5);
+  p = p * w + V(1.0 / 3);
+  p = p * w + V(1);
+  return V(2) * s * p;
+}
+
 // ---------------------------------------------------------------------------
-// Math<V>: exp, log, log1p, sqrt, sin, cos, abs, max0 (max(x, 0)) and
+// Math<V>: exp, log, log1p, log1p_unit (t in (0, 1]), sqrt, sin, cos, abs, max0 (max(x, 0)) and
 // select_nonneg(x, a, b) = (x >= 0 ? a : b). Scalars here; vectors in
 // csrc/cpu/vec_math.h.
 // ---------------------------------------------------------------------------
@@ -31,6 +50,7 @@ struct Math<float> {
   static FASTELBO_HD float exp(float x) { return ::expf(x); }
   static FASTELBO_HD float log(float x) { return ::logf(x); }
   static FASTELBO_HD float log1p(float x) { return ::log1pf(x); }
+  static FASTELBO_HD float log1p_unit(float t) { return log1p_unit_series(t); }
   static FASTELBO_HD float sqrt(float x) { return ::sqrtf(x); }
   static FASTELBO_HD float sin(float x) { return ::sinf(x); }
   static FASTELBO_HD float cos(float x) { return ::cosf(x); }
@@ -46,6 +66,7 @@ struct Math<double> {
   static FASTELBO_HD double exp(double x) { return ::exp(x); }
   static FASTELBO_HD double log(double x) { return ::log(x); }
   static FASTELBO_HD double log1p(double x) { return ::log1p(x); }
+  static FASTELBO_HD double log1p_unit(double t) { return ::log1p(t); }
   static FASTELBO_HD double sqrt(double x) { return ::sqrt(x); }
   static FASTELBO_HD double sin(double x) { return ::sin(x); }
   static FASTELBO_HD double cos(double x) { return ::cos(x); }
@@ -123,7 +144,7 @@ FASTELBO_HD void kl_normal_grad(V g, V mu, V lv, V pmu, V plv, V& dmu, V& dlv, V
 template <class V>
 FASTELBO_HD V bernoulli_ll(V l, V x) {
   const V t = Math<V>::exp(V(0) - Math<V>::abs(l));
-  return x * l - (Math<V>::max0(l) + Math<V>::log1p(t));
+  return x * l - (Math<V>::max0(l) + Math<V>::log1p_unit(t));
 }
 
 template <class V>

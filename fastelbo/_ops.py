@@ -9,7 +9,8 @@ csrc/cpu (TORCH_LIBRARY_IMPL(fastelbo, CPU)) and, later, csrc/cuda.
 Each forward op has a backward op; autograd calls the backward op, never the
 kernels' internals. Backward ops take a ``bool[n] output_mask`` (as ATen's
 native backward functions do) and return an empty tensor for a gradient
-that was not asked for.
+that was not asked for. ``validate_x`` asks the Bernoulli forward to check
+x in [0, 1] in the pass that reads x anyway (ValueError naming x).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ _SCHEMAS = {
     "gaussian_kl": "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
     "gaussian_kl_backward": "(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar,"
     " bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
-    "bernoulli_log_prob": "(Tensor logits, Tensor x) -> Tensor",
+    "bernoulli_log_prob": "(Tensor logits, Tensor x, bool validate_x=False) -> Tensor",
     "bernoulli_log_prob_backward": "(Tensor grad, Tensor logits, Tensor x, bool[2] output_mask) -> (Tensor, Tensor)",
     "gaussian_log_prob": "(Tensor mean, Tensor x, Tensor logvar) -> Tensor",
     "gaussian_log_prob_backward": "(Tensor grad, Tensor mean, Tensor x, Tensor logvar, bool[3] output_mask)"
     " -> (Tensor, Tensor, Tensor)",
     "elbo": "(Tensor x, Tensor recon, Tensor mu, Tensor logvar, Tensor? obs_logvar, Tensor? prior_mu,"
-    " Tensor? prior_logvar, str likelihood, float beta) -> (Tensor, Tensor, Tensor)",
+    " Tensor? prior_logvar, str likelihood, float beta, bool validate_x=False) -> (Tensor, Tensor, Tensor)",
     "elbo_backward": "(Tensor? grad_elbo, Tensor? grad_loglik, Tensor? grad_kl, Tensor x, Tensor recon, Tensor mu,"
     " Tensor logvar, Tensor? obs_logvar, Tensor? prior_mu, Tensor? prior_logvar, str likelihood, float beta,"
     " bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -83,7 +84,7 @@ def _(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
 
 
 @torch.library.register_fake("fastelbo::bernoulli_log_prob")
-def _(logits, x):
+def _(logits, x, validate_x=False):
     return _rows(logits)
 
 
@@ -103,7 +104,7 @@ def _(grad, mean, x, logvar, output_mask):
 
 
 @torch.library.register_fake("fastelbo::elbo")
-def _(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta):
+def _(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x=False):
     torch._check(mu.shape[0] == recon.shape[0], lambda: "mu and recon must have the same batch size")
     return _rows(recon), _rows(recon), _rows(recon)
 
@@ -171,9 +172,9 @@ torch.library.register_autograd(
 
 
 def _bernoulli_backward(ctx, grad):
-    logits, x = _saved(ctx)
+    logits, x, _ = _saved(ctx)
     mask = list(ctx.needs_input_grad[:2])
-    return _or_none(ops.bernoulli_log_prob_backward(grad, logits, x, mask), mask)
+    return _or_none(ops.bernoulli_log_prob_backward(grad, logits, x, mask), mask) + (None,)
 
 
 torch.library.register_autograd(
@@ -195,11 +196,11 @@ torch.library.register_autograd(
 
 
 def _elbo_backward(ctx, grad_elbo, grad_loglik, grad_kl):
-    x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta = _saved(ctx)
+    x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, _ = _saved(ctx)
     mask = list(ctx.needs_input_grad[:7])
     grads = ops.elbo_backward(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_mu,
                               prior_logvar, likelihood, beta, mask)
-    return _or_none(grads, mask) + (None, None)
+    return _or_none(grads, mask) + (None, None, None)
 
 
 torch.library.register_autograd(

@@ -19,6 +19,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from . import _philox
 from ._seed import seed_tensor
+from ._validate import unit_interval
 
 __all__ = ["ELBOTerms", "rsample", "standard_normal", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo"]
 
@@ -96,11 +97,18 @@ class _ReferenceOps:
         return rsample(mu, logvar, eps=eps)
 
     gaussian_kl = staticmethod(gaussian_kl)
-    bernoulli_log_prob = staticmethod(bernoulli_log_prob)
     gaussian_log_prob = staticmethod(gaussian_log_prob)
 
     @staticmethod
-    def elbo(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta):
+    def bernoulli_log_prob(logits, x, validate_x=False):
+        if validate_x:
+            unit_interval(x)
+        return bernoulli_log_prob(logits, x)
+
+    @staticmethod
+    def elbo(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x=False):
+        if validate_x:
+            unit_interval(x)
         return tuple(elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, prior_mu=prior_mu,
                           prior_logvar=prior_logvar, beta=beta))
 

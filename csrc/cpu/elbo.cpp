@@ -4,6 +4,8 @@
 // gradients of (elbo, loglik, kl) fold into one scale per term,
 //   g_ll = g_elbo + g_loglik,   g_kl = g_kl - beta * g_elbo.
 #include <ATen/Dispatch.h>
+
+#include <atomic>
 #include <torch/library.h>
 
 #include "terms.h"
@@ -36,23 +38,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_cpu(const at::Tensor& x, con
                                                         const std::optional<at::Tensor>& obs_logvar,
                                                         const std::optional<at::Tensor>& prior_mu,
                                                         const std::optional<at::Tensor>& prior_logvar,
-                                                        c10::string_view likelihood, double beta) {
+                                                        c10::string_view likelihood, double beta,
+                                                        bool validate_x) {
   const Likelihood kind = parse_likelihood(likelihood);
   check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind);
   auto elbo = row_result(recon), ll = row_result(recon), kl = row_result(recon);
+  std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_elbo_cpu", [&] {
     const LogLikTerm<scalar_t> lik(kind, recon, x, obs_logvar);
     const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);
     scalar_t *pe = elbo.data_ptr<scalar_t>(), *pl = ll.data_ptr<scalar_t>(), *pk = kl.data_ptr<scalar_t>();
     at::parallel_for(0, recon.size(0), row_grain(lik.cols + div.cols), [&](int64_t r0, int64_t r1) {
+      bool bad = false;
       for (int64_t i = r0; i < r1; ++i) {
-        const double l = lik.forward(i), k = div.forward(i);
+        const double l = lik.forward(i, validate_x, bad), k = div.forward(i);
         pe[i] = static_cast<scalar_t>(l - beta * k);
         pl[i] = static_cast<scalar_t>(l);
         pk[i] = static_cast<scalar_t>(k);
       }
+      if (bad) out_of_range = true;
     });
   });
+  check_x_in_unit_interval(out_of_range);
   return {elbo, ll, kl};
 }
 

@@ -1,6 +1,8 @@
 // Bernoulli and Gaussian log-likelihood on the CPU (DESIGN §1 rows 4-5):
 // LogLikTerm in terms.h, one row per iteration.
 #include <ATen/Dispatch.h>
+
+#include <atomic>
 #include <torch/library.h>
 
 #include "terms.h"
@@ -10,15 +12,19 @@ namespace cpu {
 namespace {
 
 at::Tensor loglik_forward(Likelihood kind, const at::Tensor& recon, const at::Tensor& x,
-                          const std::optional<at::Tensor>& s) {
+                          const std::optional<at::Tensor>& s, bool validate_x) {
   auto ll = row_result(recon);
+  std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_log_prob_cpu", [&] {
     const LogLikTerm<scalar_t> term(kind, recon, x, s);
     scalar_t* out = ll.data_ptr<scalar_t>();
     at::parallel_for(0, recon.size(0), row_grain(term.cols), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) out[i] = static_cast<scalar_t>(term.forward(i));
+      bool bad = false;
+      for (int64_t i = r0; i < r1; ++i) out[i] = static_cast<scalar_t>(term.forward(i, validate_x, bad));
+      if (bad) out_of_range = true;
     });
   });
+  check_x_in_unit_interval(out_of_range);
   return ll;
 }
 
@@ -41,9 +47,9 @@ std::array<at::Tensor, 3> loglik_backward(Likelihood kind, const at::Tensor& gra
 
 }  // namespace
 
-at::Tensor bernoulli_log_prob_cpu(const at::Tensor& logits, const at::Tensor& x) {
+at::Tensor bernoulli_log_prob_cpu(const at::Tensor& logits, const at::Tensor& x, bool validate_x) {
   check_like(logits, "logits", x, "x");
-  return loglik_forward(Likelihood::kBernoulli, logits, x, std::nullopt);
+  return loglik_forward(Likelihood::kBernoulli, logits, x, std::nullopt, validate_x);
 }
 
 std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
@@ -57,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward_cpu(const at::Ten
 at::Tensor gaussian_log_prob_cpu(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
   check_like(mean, "mean", x, "x");
   check_like(mean, "mean", logvar, "logvar");
-  return loglik_forward(Likelihood::kGaussian, mean, x, logvar);
+  return loglik_forward(Likelihood::kGaussian, mean, x, logvar, false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(const at::Tensor& grad,

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -31,6 +32,23 @@ constexpr int64_t kChunk = 512;
 // Rows per parallel task: enough columns that a task outweighs its dispatch.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
+// n contiguous values of T as accumulation-typed values: whole SIMD registers
+// for float16/bfloat16 (a scalar c10::Half conversion does not vectorize).
+template <class T>
+inline void to_acc(const T* p, int64_t n, acc_t<T>* out) {
+  int64_t k = 0;
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+    using VT = at::vec::Vectorized<T>;
+    using VF = at::vec::Vectorized<float>;
+    for (; k + VT::size() <= n; k += VT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(p + k));
+      lo.store(out + k);
+      hi.store(out + k + VF::size());
+    }
+  }
+  for (; k < n; ++k) out[k] = static_cast<acc_t<T>>(p[k]);
+}
+
 // A read-only [B, D] operand, dtype T, arbitrary strides.
 template <class T>
 struct Operand {
@@ -44,7 +62,7 @@ struct Operand {
       if (s1 == 1) return p;
     }
     if (s1 == 1) {
-      for (int64_t k = 0; k < n; ++k) scratch[k] = static_cast<acc_t<T>>(p[k]);
+      to_acc(p, n, scratch);
     } else {
       for (int64_t k = 0; k < n; ++k) scratch[k] = static_cast<acc_t<T>>(p[k * s1]);
     }
@@ -75,7 +93,11 @@ RowScalar<T> row_scalar(const at::Tensor& t) {
 // Writes n accumulation-typed values into row i (contiguous output we allocated).
 template <class T>
 inline void store_chunk(T* out_row, int64_t j, int64_t n, const acc_t<T>* src) {
-  for (int64_t k = 0; k < n; ++k) out_row[j + k] = static_cast<T>(src[k]);
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+    at::vec::convert(src, out_row + j, n);  // vectorized float -> half/bfloat16, round to nearest even
+  } else {
+    for (int64_t k = 0; k < n; ++k) out_row[j + k] = static_cast<T>(src[k]);
+  }
 }
 
 // sum_j f(v_0[i, j], ..., v_{N-1}[i, j]) with f taking std::array<Vectorized, N>.

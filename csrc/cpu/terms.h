@@ -54,6 +54,24 @@ struct KLTerm {
 
 enum class Likelihood { kBernoulli, kGaussian };
 
+// Whether any lane of a comparison-mask vector is set.
+template <class Vec>
+inline bool any_lane_set(const Vec& mask) {
+  using A = typename Vec::value_type;
+  alignas(64) A lanes[Vec::size()];
+  mask.store(lanes);
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(lanes);
+  for (size_t b = 0; b < sizeof(lanes); ++b)
+    if (bytes[b]) return true;
+  return false;
+}
+
+inline void check_x_in_unit_interval(bool out_of_range) {
+  TORCH_CHECK_VALUE(!out_of_range,
+                    "fastelbo: x must lie in [0, 1] for the Bernoulli likelihood "
+                    "(pass validate_args=False to skip this check)");
+}
+
 inline Likelihood parse_likelihood(std::string_view name) {
   if (name == "bernoulli") return Likelihood::kBernoulli;
   if (name == "gaussian") return Likelihood::kGaussian;
@@ -75,10 +93,20 @@ struct LogLikTerm {
     if (kind == Likelihood::kGaussian) s = operand<T>(*s_);
   }
 
-  double forward(int64_t i) const {
-    if (kind == Likelihood::kBernoulli)
-      return reduce_row<T, 2>({recon, x}, i, cols,
-                              [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); });
+  // validate_x: also flag Bernoulli targets outside [0, 1] (NaN passes), in the same pass.
+  double forward(int64_t i, bool validate_x, bool& x_out_of_range) const {
+    if (kind == Likelihood::kBernoulli) {
+      if (!validate_x)
+        return reduce_row<T, 2>({recon, x}, i, cols,
+                                [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); });
+      Vec bad(A(0));
+      const double ll = reduce_row<T, 2>({recon, x}, i, cols, [&bad](const std::array<Vec, 2>& v) {
+        bad = bad | (v[1] < Vec(A(0))) | (v[1] > Vec(A(1)));
+        return bernoulli_ll(v[0], v[1]);
+      });
+      x_out_of_range |= any_lane_set(bad);
+      return ll;
+    }
     return reduce_row<T, 3>({recon, x, s}, i, cols,
                             [](const std::array<Vec, 3>& v) { return gaussian_ll(v[0], v[1], v[2]); });
   }

@@ -4,6 +4,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 #include "../fastelbo_math.h"
 
 namespace fastelbo {
@@ -14,6 +16,13 @@ struct Math<at::vec::Vectorized<T>> {
   static V exp(const V& x) { return x.exp(); }
   static V log(const V& x) { return x.log(); }
   static V log1p(const V& x) { return x.log1p(); }
+  static V log1p_unit(const V& t) {
+    if constexpr (std::is_same_v<T, float>) {
+      return log1p_unit_series(t);
+    } else {
+      return t.log1p();
+    }
+  }
   static V sqrt(const V& x) { return x.sqrt(); }
   static V sin(const V& x) { return x.sin(); }
   static V cos(const V& x) { return x.cos(); }
