@@ -1,0 +1,247 @@
+"""The ``fastelbo`` command line (build, check, info), the README's set-up
+commands and .ci/run, which must run the README's test command verbatim."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastelbo
+from fastelbo import _build, reference
+from fastelbo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--batch", "8", "--x-dim", "50", "--z-dim", "6"]  # odd sizes, fast
+OPS = ("rsample", "gaussian_kl", "gaussian_kl (prior)", "bernoulli_log_prob", "gaussian_log_prob",
+       "elbo (bernoulli)", "elbo (gaussian)")
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Rows of the check/info table: cells split on ' | ' (header and rule excluded)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split(" | ")]
+        if len(cells) >= 4 and cells[0] in ("cpu", "triton", "cuda", "reference"):
+            rows.append(cells)
+    return rows
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------
+# argument handling
+# ---------------------------------------------------------------------------
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 2
+    for name in ("check", "build", "info"):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["nosuch"], ["check", "--bogus"], ["check", "--dtype", "int8"],
+                                  ["check", "--device", "tpu"], ["check", "--backend", "reference"],
+                                  ["build", "--bogus"], ["info", "extra"]])
+def test_bad_arguments_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage: fastelbo" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_check_device_cuda_without_cuda_is_one_clear_line(capsys):
+    code, _, err = run_cli(capsys, "check", "--device", "cuda")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "cuda" in err
+
+
+def test_console_entry_point_exit_status():
+    """The module runs as a program and argparse errors exit 2 there too."""
+    proc = subprocess.run([sys.executable, "-m", "fastelbo.cli", "--bogus"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "usage: fastelbo" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------
+def test_build(capsys):
+    code, out, err = run_cli(capsys, "build", "--no-cuda")
+    assert code == 0, err
+    assert str(_build.cache_root()) in out
+    assert re.search(r"ready in \d+\.\d s", out)
+    ok, where = _build.cpu_extension_status()
+    assert ok and where in out
+    assert "CUDA" not in out
+
+
+@pytest.mark.skipif(not hasattr(_build, "cuda_compatibility"), reason="this fastelbo has no CUDA kernels")
+def test_build_says_why_the_cuda_kernels_are_not_built(capsys, monkeypatch):
+    monkeypatch.setattr(_build, "cuda_compatibility", lambda: (False, "no nvcc in this test"))
+    code, out, err = run_cli(capsys, "build")
+    assert code == 0, err
+    assert "CUDA kernels: not built (no nvcc in this test)" in out
+
+
+def test_build_failure_exits_1_with_the_error(capsys, monkeypatch):
+    def broken():
+        raise _build.BuildError("building fastelbo's C++ CPU kernels failed: no g++ (apt-get install g++)")
+
+    monkeypatch.setattr(_build, "load_cpu_extension", broken)
+    code, _, err = run_cli(capsys, "build")
+    assert code == 1
+    assert "apt-get install g++" in err
+
+
+# ---------------------------------------------------------------------------
+# check
+# ---------------------------------------------------------------------------
+def test_check_passes_on_cpu_and_lists_the_other_backends(capsys):
+    code, out, err = run_cli(capsys, "check", *SMALL)
+    assert code == 0, out + err
+    rows = table_rows(out)
+    cpu = {r[2]: r[-1] for r in rows if r[:2] == ["cpu", "cpu"]}
+    assert cpu == {op: "ok" for op in OPS}, out
+    for backend in ("triton", "cuda"):
+        statuses = [r[-1] for r in rows if r[0] == backend]
+        assert statuses, f"{backend} is not listed:\n{out}"
+        for status in statuses:
+            assert status == "ok" or re.match(r"(unavailable|skipped): \S", status), status
+    if not torch.cuda.is_available():
+        assert all(r[-1].startswith("unavailable: ") for r in rows if r[0] == "cuda"), out
+    assert "tolerance (float32): |out - ref| <= 0.0001 * max(1, |ref|)" in out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_check_other_dtypes(capsys, dtype):
+    code, out, err = run_cli(capsys, "check", "--dtype", dtype, "--backend", "cpu", "--seed", "3", *SMALL)
+    assert code == 0, out + err
+    rows = table_rows(out)
+    assert {r[0] for r in rows} == {"cpu"}
+    assert [r[-1] for r in rows if r[:2] == ["cpu", "cpu"]] == ["ok"] * len(OPS)
+    assert f"tolerance ({dtype})" in out
+
+
+def test_check_fails_on_a_wrong_result(capsys, monkeypatch):
+    """A backend disagreeing with the reference is a FAIL and exit status 1
+    (here the reference's KL is made wrong, which the kernels then disagree with)."""
+    true_kl = reference.gaussian_kl
+    monkeypatch.setattr(reference, "gaussian_kl", lambda *a, **k: true_kl(*a, **k) * 1.01)
+    code, out, _ = run_cli(capsys, "check", "--backend", "cpu", *SMALL)
+    assert code == 1
+    status = {r[2]: r[-1] for r in table_rows(out) if r[0] == "cpu"}
+    assert status["gaussian_kl"].startswith("FAIL: out[")
+    assert status["bernoulli_log_prob"] == "ok"
+    assert "FAILED" in out
+
+
+def test_check_never_reports_an_unavailable_backend_as_ok(capsys, monkeypatch):
+    import fastelbo._backend as backend_module
+
+    monkeypatch.setattr(backend_module, "available", lambda name, device: (False, f"{name} switched off"))
+    code, out, _ = run_cli(capsys, "check", "--device", "cpu", *SMALL)
+    assert code == 0
+    rows = table_rows(out)
+    assert rows and all(r[-1] != "ok" for r in rows)
+    assert [r[-1] for r in rows if r[:2] == ["cpu", "cpu"]] == ["unavailable: cpu switched off"]
+
+
+def test_check_build_failure_exits_1(capsys, monkeypatch):
+    def broken():
+        raise _build.BuildError("no compiler (install g++)")
+
+    monkeypatch.setattr(_build, "load_cpu_extension", broken)
+    code, out, _ = run_cli(capsys, "check", "--backend", "cpu", *SMALL)
+    assert code == 1
+    assert "install g++" in out
+
+
+# ---------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------
+def test_info(capsys):
+    code, out, err = run_cli(capsys, "info")
+    assert code == 0, err
+    for needle in (fastelbo.__version__, torch.__version__, str(_build.cache_root()), "triton", "numpy", "nvcc",
+                   "compiler", "CPU"):
+        assert needle in out, needle
+    rows = table_rows(out)
+    assert {(r[0], r[1]) for r in rows} == {(b, d) for b in ("cpu", "triton", "cuda", "reference")
+                                           for d in ("cpu", "cuda")}
+    for r in rows:
+        assert r[2] in ("yes", "no")
+        if r[2] == "no":
+            assert r[3], f"no reason given for {r[:2]}"
+    assert ["reference", "cpu", "yes"] in [r[:3] for r in rows]
+
+
+def test_info_runs_as_a_program():
+    proc = subprocess.run([sys.executable, "-m", "fastelbo.cli", "info"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend" in proc.stdout and "reference" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# README set-up commands and .ci/run
+# ---------------------------------------------------------------------------
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def test_readme_has_exactly_two_setup_commands():
+    assert readme_commands() == ["pip install . && fastelbo check",
+                                 "pip install -e '.[test]' && python -m pytest -q"]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_command = readme_commands()[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    lines = ci.splitlines()
+    assert any(test_command in line and not line.lstrip().startswith("#") for line in lines), \
+        f".ci/run does not run the README's test command {test_command!r}"
+    install = ci.index("python -m pip install torch==2.13.0")
+    assert install < ci.index(test_command), "torch must be installed before the tests run"
+    assert "set -euo pipefail" in ci
+
+
+def test_ci_run_is_an_executable_bash_script():
+    path = ROOT / ".ci" / "run"
+    assert os.access(path, os.X_OK)
+    assert path.read_text().startswith("#!/usr/bin/env bash")
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ci_run_fails_when_a_test_fails(tmp_path):
+    """The exit status of the test command is the script's, whatever follows it."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # stand-ins for python and pip: installs succeed, pytest fails with status 1
+    (fake / "pip").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "python").write_text('#!/bin/sh\nif [ "$2" = "pytest" ]; then exit 1; fi\nexit 0\n')
+    for tool in ("pip", "python"):
+        (fake / tool).chmod(0o755)
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    (repo / ".ci" / "run").write_text(ci)
+    (repo / ".ci" / "run").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (fake / "python").write_text("#!/bin/sh\nexit 0\n")
+    proc = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
