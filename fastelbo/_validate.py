@@ -10,6 +10,8 @@ import numbers
 
 import torch
 
+from ._autocast import AUTOCAST_DTYPES
+
 _VALIDATE_ARGS = True
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -40,10 +42,19 @@ def tensor2d(t, name: str, dims: str = "[B, D]") -> torch.Tensor:
     return t
 
 
+def _autocast_mix(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """AUTOCAST POLICY (fastelbo/_autocast.py): inside torch.autocast of the
+    tensors' device type, float16/bfloat16/float32 may mix; the ops' autocast
+    kernels cast them all to float32. Only asked when the dtypes differ."""
+    device_type = a.device.type
+    return (a.dtype in AUTOCAST_DTYPES and b.dtype in AUTOCAST_DTYPES and b.device.type == device_type
+            and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type))
+
+
 def same_kind(ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str) -> None:
-    if t.dtype != ref.dtype:
+    if t.dtype != ref.dtype and not _autocast_mix(ref, t):
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}); got {t.dtype} "
-                        "(mixed dtypes are not promoted: cast explicitly)")
+                        "(mixed dtypes are not promoted outside torch.autocast: cast explicitly)")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}); got {t.device}")
 

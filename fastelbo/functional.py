@@ -31,11 +31,33 @@ def rsample(mu, logvar, *, generator=None, seed=None, eps=None, backend="auto") 
         if seed is not None or generator is not None:
             raise ValueError("rsample: pass eps= or seed=/generator=, not both")
         v.pair(mu, "mu", eps, "eps", "[B, Dz]")
+    if generator is not None and _recomputing():
+        raise RuntimeError(_RECOMPUTE_WITH_GENERATOR)
     ops = impl(backend, mu.device)
     # The seed tensor is an op input even when eps is given (schema is fixed): 0-dim, never read then.
     s = torch.zeros((), dtype=torch.int64, device=mu.device) if eps is not None else seed_tensor(
         mu.device, generator, seed)
     return ops.rsample(mu, logvar, s, eps)
+
+
+# CHECKPOINT GUARD (docs/training.md, "Activation checkpointing"). torch.utils.checkpoint
+# replays the default generators (CPU, and CUDA where used) when it recomputes a
+# forward, so a seed drawn from them, an explicit seed= or eps= give the recomputed
+# forward the eps of the first one. A user's own torch.Generator is not replayed: the
+# recomputation would draw a new seed and silently change the gradients. A forward that
+# runs inside a backward pass (graph task id != -1, the test torch.utils.checkpoint uses
+# itself) is such a recomputation; rsample(generator=...) refuses it.
+_RECOMPUTE_WITH_GENERATOR = (
+    "rsample(generator=...) is being recomputed inside a backward pass (activation checkpointing): "
+    "torch.utils.checkpoint does not replay a user's torch.Generator, so the recomputed eps would differ "
+    "from the forward's. Draw the seed outside the checkpointed region and pass it in, e.g. "
+    "seed = torch.randint(0, 2**62, (), generator=g) then rsample(mu, logvar, seed=seed), "
+    "or use the default generator (generator=None), which checkpoint replays."
+)
+
+
+def _recomputing() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, backend="auto") -> torch.Tensor:
