@@ -62,7 +62,8 @@ def cpu_capability() -> str:
 
 
 def cpu_cflags() -> list[str]:
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-DFASTELBO_CPU"]
+    # No -std: torch's cpp_extension picks the standard its headers need (C++20 from 2.13 on).
+    flags = ["-O3", "-fopenmp", "-DFASTELBO_CPU"]
     return flags + _CAPABILITY_FLAGS.get(cpu_capability(), [])
 
 
@@ -71,11 +72,14 @@ def cpu_sources() -> list[Path]:
 
 
 def _fingerprint(sources: list[Path], flags: list[str]) -> str:
+    """Hash of one extension's own sources, every header under csrc/ (headers are
+    shared between the backends), the flags and the torch/python versions: a .cu
+    edit does not invalidate the CPU build and vice versa."""
     h = hashlib.sha256()
-    for path in sorted(csrc_dir().rglob("*")):
-        if path.suffix in {".h", ".cpp", ".cu"}:
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
+    files = set(sources) | {p for p in csrc_dir().rglob("*.h")}
+    for path in sorted(files):
+        h.update(str(path.relative_to(csrc_dir())).encode())
+        h.update(path.read_bytes())
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
@@ -88,8 +92,8 @@ def build_dir(name: str) -> Path:
 
 def compatibility() -> tuple[bool, str]:
     """Whether this machine can build the CPU extension, and why not."""
-    if platform.system() != "Linux" and platform.system() != "Darwin":
-        return False, f"the C++ backend is built and tested on Linux; this is {platform.system()}"
+    if platform.system() != "Linux":
+        return False, f"the C++ backend is built (with OpenMP) and tested on Linux only; this is {platform.system()}"
     try:
         from torch.utils.cpp_extension import verify_ninja_availability
 
@@ -113,7 +117,8 @@ class _State:
 _CPU = _State()
 
 
-def _locked_load(name: str, sources: list[Path], cflags: list[str], directory: Path) -> None:
+def _locked_load(name: str, sources: list[Path], cflags: list[str], directory: Path,
+                 extra_ldflags: tuple[str, ...] = ("-fopenmp",), **load_kwargs) -> None:
     import fcntl
 
     from torch.utils.cpp_extension import load
@@ -127,11 +132,12 @@ def _locked_load(name: str, sources: list[Path], cflags: list[str], directory: P
                 name=name,
                 sources=[str(s) for s in sources],
                 extra_cflags=cflags,
-                extra_ldflags=["-fopenmp"],
-                extra_include_paths=[str(csrc_dir())],
+                extra_ldflags=list(extra_ldflags),
+                extra_include_paths=[str(csrc_dir())] + list(load_kwargs.pop("extra_include_paths", [])),
                 build_directory=str(directory),
                 is_python_module=False,
                 verbose=verbose_build(),
+                **load_kwargs,
             )
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
@@ -158,7 +164,7 @@ def load_cpu_extension() -> None:
             tail = "\n".join(str(exc).strip().splitlines()[-25:])
             _CPU.error = (
                 f"building fastelbo's C++ CPU kernels failed in {directory}:\n{tail}\n"
-                "Needed: a C++17 compiler with OpenMP (g++), ninja (pip install ninja) and the Python headers; "
+                "Needed: a C++20 compiler with OpenMP (g++), ninja (pip install ninja) and the Python headers; "
                 "FASTELBO_VERBOSE_BUILD=1 shows the full compiler output."
             )
             raise BuildError(_CPU.error) from exc
@@ -175,5 +181,148 @@ def cpu_extension_status() -> tuple[bool, str]:
         return False, str(exc)
 
 
+# ---------------------------------------------------------------------------
+# The CUDA kernels (csrc/cuda): a second extension, built only where torch has
+# CUDA and nvcc is found. The .cu files see no torch header (they compile in
+# seconds); binding.cpp registers them for the CUDA dispatch key.
+# ---------------------------------------------------------------------------
+# Built for these when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible to
+# pick the native one (build checks on GPU-less machines).
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+
+
+def _is_cuda_toolkit(path) -> bool:
+    return bool(path) and (Path(path) / "bin" / "nvcc").is_file() and (Path(path) / "include" / "cuda_runtime.h").is_file()
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit to build with: CUDA_HOME / CUDA_PATH, torch's guess, then nvcc's real location and
+    /usr/local/cuda; the first that holds bin/nvcc and include/cuda_runtime.h.
+
+    torch guesses dirname(dirname(which nvcc)), which is wrong when nvcc on PATH is a wrapper script
+    (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc).
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    try:
+        from torch.utils import cpp_extension
+
+        candidates.append(cpp_extension.CUDA_HOME)
+    except Exception:  # pragma: no cover - torch without cpp_extension
+        pass
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for candidate in candidates:
+        if _is_cuda_toolkit(candidate):
+            return Path(candidate).resolve()
+    return None
+
+
+def cuda_compatibility() -> tuple[bool, str]:
+    """Whether this machine can build the CUDA extension (a GPU is not needed to build), and why not."""
+    if platform.system() != "Linux":
+        return False, f"the CUDA backend is built and tested on Linux; this is {platform.system()}"
+    if torch.version.cuda is None:
+        return False, (f"torch {torch.__version__} was built without CUDA "
+                       "(install a CUDA build of torch, e.g. from the pytorch.org CUDA wheels)")
+    if cuda_home() is None:
+        return False, ("nvcc not found: install the CUDA toolkit matching torch's CUDA "
+                       f"{torch.version.cuda} and set CUDA_HOME (or put nvcc on PATH)")
+    return compatibility()
+
+
+def cuda_arch_flags() -> list[str]:
+    """Explicit -gencode flags only when torch would otherwise build for every arch it knows."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+        return []  # torch's own choice: the list given, or the visible GPUs' archs
+    flags = []
+    for arch in DEFAULT_CUDA_ARCHS:
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
+# No -std: torch picks the C++ standard its headers need (C++20 from torch 2.14 on);
+# the .cu files are C++17 and newer.
+def cuda_nvcc_flags() -> list[str]:
+    return ["-O3"] + cuda_arch_flags()
+
+
+def cuda_cflags() -> list[str]:
+    return ["-O3"]
+
+
+def cuda_sources() -> list[Path]:
+    cuda = csrc_dir() / "cuda"
+    return sorted(cuda.glob("*.cu")) + [cuda / "binding.cpp"]
+
+
+def cuda_include_paths() -> list[str]:
+    """csrc/cuda, plus the CUDA library headers that pip's nvidia-* wheels ship (cublas, cusparse, ...)
+    for torch headers that want them."""
+    paths = [str(csrc_dir() / "cuda")]
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels torch depends on
+
+        for root in getattr(nvidia, "__path__", []):
+            for inc in sorted(Path(root).glob("cu*/include")):
+                paths.append(str(inc))
+    except ImportError:
+        pass
+    return paths
+
+
+_CUDA = _State()
+
+
+def load_cuda_extension() -> None:
+    """Builds (first time) and loads the CUDA kernels; raises BuildError with what to do.
+
+    Needs torch with CUDA, nvcc and ninja, not a GPU: the build check on GPU-less machines uses it.
+    """
+    with _CUDA.lock:
+        if _CUDA.loaded:
+            return
+        if _CUDA.error is not None:
+            raise BuildError(_CUDA.error)
+        ok, why = cuda_compatibility()
+        if not ok:
+            _CUDA.error = f"fastelbo's CUDA kernels cannot be built here: {why}"
+            raise BuildError(_CUDA.error)
+        from torch.utils import cpp_extension
+
+        home = cuda_home()
+        # torch's module-level guess is what load() compiles and links with; set it to the toolkit found
+        # above (torch's guess may be no toolkit at all, see cuda_home) so every caller builds alike.
+        cpp_extension.CUDA_HOME = str(home)
+        nvcc_flags, cflags, sources = cuda_nvcc_flags(), cuda_cflags(), cuda_sources()
+        key = nvcc_flags + cflags + [str(home), os.environ.get("TORCH_CUDA_ARCH_LIST", ""), str(torch.version.cuda)]
+        name = f"fastelbo_cuda_{_fingerprint(sources, key)}"
+        directory = build_dir(name)
+        try:
+            _locked_load(name, sources, cflags, directory, extra_ldflags=(), extra_cuda_cflags=nvcc_flags,
+                         extra_include_paths=cuda_include_paths(), with_cuda=True)
+        except Exception as exc:  # the compiler's output is in the message
+            tail = "\n".join(str(exc).strip().splitlines()[-25:])
+            _CUDA.error = (
+                f"building fastelbo's CUDA kernels failed in {directory}:\n{tail}\n"
+                f"Needed: nvcc matching torch's CUDA {torch.version.cuda} (CUDA_HOME={home}), a C++17 compiler and "
+                "ninja; FASTELBO_VERBOSE_BUILD=1 shows the full compiler output."
+            )
+            raise BuildError(_CUDA.error) from exc
+        _CUDA.loaded = True
+        _CUDA.path = directory
+
+
+def cuda_extension_status() -> tuple[bool, str]:
+    """(loaded, reason) after trying to build/load the CUDA kernels once; never raises."""
+    try:
+        load_cuda_extension()
+        return True, str(_CUDA.path)
+    except BuildError as exc:
+        return False, str(exc)
+
+
 __all__ = ["BuildError", "load_cpu_extension", "cpu_extension_status", "compatibility", "cache_root", "csrc_dir",
-           "strict_mode"]
+           "strict_mode", "load_cuda_extension", "cuda_extension_status", "cuda_compatibility", "cuda_home"]

@@ -1,0 +1,101 @@
+// The fused ELBO on the GPU (DESIGN §1 row 6).
+// Forward: one reduce_kernel launch; the group of threads that owns a row sums
+// its [recon, x] row (log p(x|z)) and its [mu, logvar] row (KL) and writes
+// elbo = loglik - beta * KL, loglik, KL.
+// Backward: one map_kernel launch running both gradient jobs, the likelihood's
+// over [B, Dx] and the KL's over [B, Dz], with the upstream gradients of
+// (elbo, loglik, kl) folded per row as on the CPU:
+//   g_ll = g_elbo + g_loglik,   g_kl = g_kl - beta * g_elbo.
+#include "terms.h"
+
+namespace fastelbo {
+namespace cuda {
+namespace {
+
+template <class T>
+struct ElboEpilogue {
+  T *elbo, *loglik, *kl;
+  double beta;
+  // In double, as the CPU kernel (then rounded once to T's accumulation type).
+  FASTELBO_DEVICE void operator()(int64_t i, acc_t<T> ll, acc_t<T> k) const {
+    const double e = static_cast<double>(ll) - beta * static_cast<double>(k);
+    elbo[i] = from_acc<T>(static_cast<acc_t<T>>(e));
+    loglik[i] = from_acc<T>(ll);
+    kl[i] = from_acc<T>(k);
+  }
+};
+
+template <class T, class LikTerm, class KLTermT>
+void forward(const LikTerm& lik, const KLTermT& kl, const ElboArgs& a, void* elbo, void* loglik, void* kl_out,
+             void* workspace, int num_sms, cudaStream_t stream) {
+  const ReduceShape sh = reduce_shape(a.rows, a.cols_x, a.cols_z, kChunkElems<T>, num_sms);
+  const ElboEpilogue<T> epi{static_cast<T*>(elbo), static_cast<T*>(loglik), static_cast<T*>(kl_out), a.beta};
+  launch_reduce<T>(lik, kl, epi, sh, workspace, stream);
+}
+
+template <class T, class LikTerm>
+void forward_kl(const LikTerm& lik, const ElboArgs& a, void* elbo, void* loglik, void* kl, void* workspace,
+                int num_sms, cudaStream_t stream) {
+  if (a.prior_mu.data) {
+    const KLNormalTerm<T> term{a.cols_z, mat<T>(a.mu), mat<T>(a.logvar), mat<T>(a.prior_mu), mat<T>(a.prior_logvar)};
+    forward<T>(lik, term, a, elbo, loglik, kl, workspace, num_sms, stream);
+  } else {
+    const KLStdTerm<T> term{a.cols_z, mat<T>(a.mu), mat<T>(a.logvar)};
+    forward<T>(lik, term, a, elbo, loglik, kl, workspace, num_sms, stream);
+  }
+}
+
+template <class T, class LikJob>
+void backward_kl(const LikJob& lik, const ElboArgs& a, const RowGrad<T>& g_kl, void* dmu, void* dlogvar,
+                 void* dprior_mu, void* dprior_logvar, int num_sms, cudaStream_t stream) {
+  const int64_t c = a.cols_z;
+  if (a.prior_mu.data) {
+    const KLNormalGrad<T> job{a.rows,          c,       g_kl,          mat<T>(a.mu),           mat<T>(a.logvar),
+                              mat<T>(a.prior_mu), mat<T>(a.prior_logvar), out<T>(dmu, c), out<T>(dlogvar, c),
+                              out<T>(dprior_mu, c), out<T>(dprior_logvar, c)};
+    launch_map(lik, kChunkElems<T>, num_sms, stream, job);
+  } else {
+    const KLStdGrad<T> job{a.rows, c, g_kl, mat<T>(a.mu), mat<T>(a.logvar), out<T>(dmu, c), out<T>(dlogvar, c)};
+    launch_map(lik, kChunkElems<T>, num_sms, stream, job);
+  }
+}
+
+}  // namespace
+
+void elbo_forward(DType dtype, const ElboArgs& a, void* elbo, void* loglik, void* kl, void* workspace, int num_sms,
+                  cudaStream_t stream) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.likelihood == LikelihoodKind::kGaussian) {
+      const GaussianTerm<T> lik{a.cols_x, mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar)};
+      forward_kl<T>(lik, a, elbo, loglik, kl, workspace, num_sms, stream);
+    } else {
+      const BernoulliTerm<T> lik{a.cols_x, mat<T>(a.recon), mat<T>(a.x), a.x_out_of_range};
+      forward_kl<T>(lik, a, elbo, loglik, kl, workspace, num_sms, stream);
+    }
+  });
+}
+
+void elbo_backward(DType dtype, const ElboArgs& a, VecArg grad_elbo, VecArg grad_loglik, VecArg grad_kl, void* dx,
+                   void* drecon, void* dmu, void* dlogvar, void* dobs_logvar, void* dprior_mu, void* dprior_logvar,
+                   int num_sms, cudaStream_t stream) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const RowGrad<T> g_ll{row_vec<T>(grad_elbo), row_vec<T>(grad_loglik), A(0), false};
+    const RowGrad<T> g_kl{row_vec<T>(grad_kl), row_vec<T>(grad_elbo), static_cast<A>(a.beta), true};
+    const int64_t c = a.cols_x;
+    if (a.likelihood == LikelihoodKind::kGaussian) {
+      const GaussianGrad<T> lik{a.rows,         c,           g_ll,           mat<T>(a.recon),
+                                mat<T>(a.x),    mat<T>(a.obs_logvar), out<T>(drecon, c), out<T>(dx, c),
+                                out<T>(dobs_logvar, c)};
+      backward_kl<T>(lik, a, g_kl, dmu, dlogvar, dprior_mu, dprior_logvar, num_sms, stream);
+    } else {
+      const BernoulliGrad<T> lik{a.rows, c, g_ll, mat<T>(a.recon), mat<T>(a.x), out<T>(drecon, c), out<T>(dx, c)};
+      backward_kl<T>(lik, a, g_kl, dmu, dlogvar, dprior_mu, dprior_logvar, num_sms, stream);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastelbo

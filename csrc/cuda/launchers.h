@@ -1,0 +1,104 @@
+// launchers.h: the host entry points of the CUDA kernels in csrc/cuda/*.cu,
+// on raw pointers, sizes and strides (elements; 0 for broadcast operands),
+// enqueued on the given stream. Plain C++: no torch, no CUDA headers, so the
+// binding (binding.cpp) and a CPU emulation of the kernels can both include it.
+//
+// Conventions, as the CPU kernels (csrc/cpu) and the op schemas (fastelbo/_ops.py):
+// inputs are [rows, cols] of one dtype, any strides; per-row results [rows] and
+// gradients [rows, cols] are contiguous outputs the caller allocated; a null
+// output pointer is a gradient nobody asked for; a null optional input (eps,
+// priors, upstream gradients) is absent; the Philox seed is a pointer to one
+// int64 in device memory, read by the kernels (no host sync).
+// Every launcher returns after enqueueing; errors surface through
+// cudaGetLastError() as for any launch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+namespace fastelbo {
+namespace cuda {
+
+enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+enum class LikelihoodKind : int { kBernoulli = 0, kGaussian = 1 };
+
+// A [rows, cols] input: data == nullptr means absent.
+struct MatArg {
+  const void* data = nullptr;
+  int64_t s0 = 0, s1 = 0;
+};
+
+// A [rows] input (an upstream gradient): data == nullptr means absent (reads 0).
+struct VecArg {
+  const void* data = nullptr;
+  int64_t s0 = 0;
+};
+
+// The per-row reductions may cut very long rows into slices and need a float
+// workspace for them: ask for its size, allocate it on the stream's device, pass it.
+// num_sms: the device's multiprocessor count (sizes the grid).
+size_t row_reduce_workspace_bytes(DType dtype, int64_t rows, int64_t cols_a, int64_t cols_b, int num_sms);
+
+// --- reparameterized sample (rsample.cu) -----------------------------------
+// z = mu + exp(lv / 2) * eps; eps from the given tensor, else Philox(seed) of
+// logical element i * cols + j.
+void rsample_forward(DType dtype, int64_t rows, int64_t cols, MatArg mu, MatArg logvar, MatArg eps,
+                     const int64_t* seed, void* z, int num_sms, cudaStream_t stream);
+
+// dlv = g * exp(lv / 2) * eps / 2, deps = g * exp(lv / 2) (null outputs skipped).
+void rsample_backward(DType dtype, int64_t rows, int64_t cols, MatArg grad_z, MatArg logvar, MatArg eps,
+                      const int64_t* seed, void* dlogvar, void* deps, int num_sms, cudaStream_t stream);
+
+// Elements [0, n) of the noise: uniforms (normal == false) or normals, float or double.
+void philox_noise(DType dtype, const int64_t* seed, int64_t n, bool normal, void* out, int num_sms,
+                  cudaStream_t stream);
+
+// --- KL(N(mu, e^lv) || N(0, I) or N(pmu, e^plv)) (kl.cu) -------------------
+void gaussian_kl_forward(DType dtype, int64_t rows, int64_t cols, MatArg mu, MatArg logvar, MatArg prior_mu,
+                         MatArg prior_logvar, void* kl, void* workspace, int num_sms, cudaStream_t stream);
+
+void gaussian_kl_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad, MatArg mu, MatArg logvar,
+                          MatArg prior_mu, MatArg prior_logvar, void* dmu, void* dlogvar, void* dprior_mu,
+                          void* dprior_logvar, int num_sms, cudaStream_t stream);
+
+// --- log-likelihoods (loglik.cu) --------------------------------------------
+// x_out_of_range: null, or one device int32 (zeroed by the caller) set to 1 when
+// some x lies outside [0, 1] (validate_x; NaN passes).
+void bernoulli_log_prob_forward(DType dtype, int64_t rows, int64_t cols, MatArg logits, MatArg x, void* out,
+                                int* x_out_of_range, void* workspace, int num_sms, cudaStream_t stream);
+
+void bernoulli_log_prob_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad, MatArg logits, MatArg x,
+                                 void* dlogits, void* dx, int num_sms, cudaStream_t stream);
+
+void gaussian_log_prob_forward(DType dtype, int64_t rows, int64_t cols, MatArg mean, MatArg x, MatArg logvar,
+                               void* out, void* workspace, int num_sms, cudaStream_t stream);
+
+void gaussian_log_prob_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad, MatArg mean, MatArg x,
+                                MatArg logvar, void* dmean, void* dx, void* dlogvar, int num_sms,
+                                cudaStream_t stream);
+
+// --- fused ELBO (elbo.cu) ------------------------------------------------------
+// x, recon, obs_logvar: [rows, cols_x]; mu, logvar, priors: [rows, cols_z].
+// Workspace: row_reduce_workspace_bytes(dtype, rows, cols_x, cols_z, num_sms).
+struct ElboArgs {
+  int64_t rows = 0, cols_x = 0, cols_z = 0;
+  LikelihoodKind likelihood = LikelihoodKind::kBernoulli;
+  double beta = 1.0;
+  MatArg x, recon, obs_logvar, mu, logvar, prior_mu, prior_logvar;
+  int* x_out_of_range = nullptr;  // forward, Bernoulli: as bernoulli_log_prob_forward
+};
+
+void elbo_forward(DType dtype, const ElboArgs& args, void* elbo, void* loglik, void* kl, void* workspace,
+                  int num_sms, cudaStream_t stream);
+
+// Upstream gradients (absent = 0) fold into g_ll = g_elbo + g_loglik and
+// g_kl = g_kl - beta * g_elbo; outputs in input order, null = not wanted.
+void elbo_backward(DType dtype, const ElboArgs& args, VecArg grad_elbo, VecArg grad_loglik, VecArg grad_kl,
+                   void* dx, void* drecon, void* dmu, void* dlogvar, void* dobs_logvar, void* dprior_mu,
+                   void* dprior_logvar, int num_sms, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastelbo
