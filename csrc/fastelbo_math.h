@@ -136,15 +136,19 @@ FASTELBO_HD void kl_normal_grad(V g, V mu, V lv, V pmu, V plv, V& dmu, V& dlv, V
 
 // ---------------------------------------------------------------------------
 // Bernoulli log-likelihood with logits l and target x in [0, 1], one element:
-//   x*l - softplus(l),  softplus(l) = max(l, 0) + log1p(e^-|l|)
+//   x*l - softplus(l) = -((1 - x)*l + max(-l, 0) + log1p(e^-|l|))
 //   d/dl = x - sigmoid(l),  d/dx = l
+// Evaluated in the second form (that of torch's binary_cross_entropy_with_logits):
+// exact for confident binary targets, x = 1, l >> 0 (no x*l - l cancellation) and
+// x = 0, l << 0 (l + max(-l, 0) = 0 exactly), and NaN/inf for infinite logits as
+// in the reference (l = +inf, x = 0: -inf; l = -inf, x = 1: NaN).
 // One t = e^-|l| serves softplus and sigmoid: sigmoid(l) = 1/(1+t) for l >= 0,
 // t/(1+t) otherwise, both free of overflow.
 // ---------------------------------------------------------------------------
 template <class V>
 FASTELBO_HD V bernoulli_ll(V l, V x) {
   const V t = Math<V>::exp(V(0) - Math<V>::abs(l));
-  return x * l - (Math<V>::max0(l) + Math<V>::log1p_unit(t));
+  return V(0) - ((V(1) - x) * l + Math<V>::max0(V(0) - l) + Math<V>::log1p_unit(t));
 }
 
 template <class V>

@@ -1,0 +1,130 @@
+"""Backend choice: the build-failure fallback (FallbackWarning, FASTELBO_STRICT)
+and FASTELBO_BACKEND. The real build state of the process is never touched:
+only fastelbo._build.cpu_extension_status is replaced, for one test."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fastelbo
+from fastelbo import _backend, _build
+from fastelbo import functional as F
+from fastelbo import reference as R
+
+B, DX, DZ = 4, 9, 5
+
+
+class SpyOps:
+    """Wraps reference.OPS and records which ops ran: proof that the reference, not a kernel, ran."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    s = SpyOps(R.OPS)
+    monkeypatch.setattr(R, "OPS", s)
+    return s
+
+
+@pytest.fixture
+def broken_cpu_build(monkeypatch):
+    """The CPU extension 'failed to build' (for _backend only); warnings state reset, restored after."""
+    reason = "simulated: building fastelbo's C++ CPU kernels failed (g++ not found); install g++"
+    monkeypatch.setattr(_build, "cpu_extension_status", lambda: (False, reason))
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("FASTELBO_STRICT", raising=False)
+    monkeypatch.delenv("FASTELBO_BACKEND", raising=False)
+    return reason
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.rand(B, DX, generator=g), torch.randn(B, DX, generator=g), torch.randn(B, DZ, generator=g),
+            torch.randn(B, DZ, generator=g))
+
+
+def test_available_reports_the_failure(broken_cpu_build):
+    ok, why = _backend.available("cpu", "cpu")
+    assert not ok and why == broken_cpu_build
+
+
+def test_fallback_warns_once_and_matches_reference(broken_cpu_build, spy):
+    x, recon, mu, lv = _inputs()
+    with pytest.warns(fastelbo.FallbackWarning, match=r"'cpu'.*reference.*g\+\+"):
+        kl = F.gaussian_kl(mu, lv, backend="cpu")
+    assert spy.calls == ["gaussian_kl"]
+    assert torch.equal(kl, R.gaussian_kl(mu, lv))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastelbo.FallbackWarning)  # once per backend, not per call
+        terms = F.elbo(x, recon, mu, lv, backend="cpu")
+        z = F.rsample(mu, lv, seed=9, backend="cpu")
+        loss = fastelbo.ELBOLoss(backend="cpu")(recon, x, mu, lv)
+    assert spy.calls[1:] == ["elbo", "rsample", "elbo"]
+    for a, b in zip(terms, R.elbo(x, recon, mu, lv)):
+        assert torch.equal(a, b)
+    assert torch.equal(z, R.rsample(mu, lv, seed=9))
+    assert torch.equal(loss, -R.elbo(x, recon, mu, lv).elbo.mean())
+
+
+def test_auto_falls_back_too(broken_cpu_build, spy):
+    _, _, mu, lv = _inputs()
+    with pytest.warns(fastelbo.FallbackWarning):
+        F.gaussian_kl(mu, lv)  # backend="auto" on CPU tensors wants "cpu"
+    assert spy.calls == ["gaussian_kl"]
+
+
+def test_strict_mode_raises(broken_cpu_build, spy, monkeypatch):
+    monkeypatch.setenv("FASTELBO_STRICT", "1")
+    _, _, mu, lv = _inputs()
+    with pytest.raises(RuntimeError, match=r"FASTELBO_STRICT.*g\+\+"):
+        F.gaussian_kl(mu, lv, backend="cpu")
+    with pytest.raises(RuntimeError, match="FASTELBO_STRICT"):
+        F.gaussian_kl(mu, lv)
+    assert spy.calls == []
+
+
+def test_real_build_state_untouched():
+    """After the tests above the genuine CPU extension state is as it was (monkeypatch undone)."""
+    assert _build.cpu_extension_status.__module__ == "fastelbo._build"
+    ok, _ = _build.cpu_extension_status()
+    if ok:
+        assert _backend.resolve("cpu", "cpu") == "cpu"
+
+
+@pytest.mark.parametrize("env,expect_reference", [("reference", True), ("auto", False), ("cpu", False)])
+def test_env_backend(monkeypatch, spy, env, expect_reference):
+    ok, why = _backend.available("cpu", "cpu")
+    if not ok and not expect_reference:
+        pytest.skip(f"C++ CPU kernels unavailable: {why}")
+    monkeypatch.setenv("FASTELBO_BACKEND", env)
+    x, recon, mu, lv = _inputs()
+    F.gaussian_kl(mu, lv)
+    F.elbo(x, recon, mu, lv)
+    assert spy.calls == (["gaussian_kl", "elbo"] if expect_reference else [])
+    # an explicit backend= wins over the environment
+    spy.calls.clear()
+    F.gaussian_kl(mu, lv, backend="reference")
+    assert spy.calls == ["gaussian_kl"]
+
+
+def test_env_backend_read_at_call_time(monkeypatch, spy):
+    _, _, mu, lv = _inputs()
+    monkeypatch.setenv("FASTELBO_BACKEND", "reference")
+    F.gaussian_kl(mu, lv)
+    monkeypatch.setenv("FASTELBO_BACKEND", "REFERENCE ")  # case and spaces forgiven
+    F.gaussian_kl(mu, lv)
+    assert spy.calls == ["gaussian_kl", "gaussian_kl"]
