@@ -1,19 +1,24 @@
 """Backend choice: which implementation of the ops runs a call.
 
   "cpu"       C++ kernels of csrc/cpu (CPU tensors), built on first use
-  "cuda"      C++/CUDA kernels of csrc/cuda (CUDA tensors)      (not in this release)
-  "triton"    Triton kernels of kernels/ (CUDA tensors)          (not in this release)
+  "cuda"      C++/CUDA kernels of csrc/cuda (CUDA tensors), built on first use
+              (needs torch with CUDA, nvcc and a GPU)
+  "triton"    Triton kernels of kernels/ (CUDA tensors; CPU tensors under
+              TRITON_INTERPRET=1, slow, for testing)
   "reference" fastelbo.reference (torch.distributions), any device
   "auto"      FASTELBO_BACKEND if set, else the fastest backend available for
               the tensors' device, else the reference with a warning
 
 A backend whose kernels cannot be built falls back to the reference with a
 warning saying why and what to install; FASTELBO_STRICT=1 makes that an error.
-Asking for a backend on a device it does not run on is always an error.
+Asking for a backend on a device it does not run on is always an error, and so
+is asking for "triton" where it cannot run (no triton, no GPU, no interpreter).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import warnings
 
 import torch
@@ -28,11 +33,10 @@ class FallbackWarning(UserWarning):
 
 
 # Which backends can run tensors of a device type, fastest first.
-_BY_DEVICE = {"cpu": ("cpu",), "cuda": ()}
-_UNRELEASED = {
-    "cuda": "the CUDA C++ kernels (csrc/cuda) are not part of this release",
-    "triton": "the Triton kernels (kernels/) are not part of this release",
-}
+# CUDA tensors: "triton" first for now; which of triton/cuda is faster is for
+# bench/'s CUDA-vs-Triton results to decide (issue 4), then reorder here.
+_BY_DEVICE = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+_UNRELEASED: dict[str, str] = {}
 _warned: set[str] = set()
 
 
@@ -65,7 +69,65 @@ def available(name: str, device_type: str) -> tuple[bool, str]:
         if device_type != "cpu":
             return False, f"backend 'cpu' runs on CPU tensors, not {device_type}"
         return _build.cpu_extension_status()
+    if name == "triton":
+        return _triton_status(device_type)
+    if name == "cuda":
+        return _cuda_status(device_type)
     raise ValueError(f"unknown backend {name!r}")
+
+
+def _cuda_status(device_type: str) -> tuple[bool, str]:
+    """The CUDA kernels run on CUDA tensors of a CUDA build of torch, once built with nvcc."""
+    if device_type != "cuda":
+        return False, f"backend 'cuda' runs on CUDA tensors, not {device_type}"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} was built without CUDA (install a CUDA build of torch)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device: torch.cuda.is_available() is False"
+    ok, why = _build.cuda_compatibility()
+    if not ok:
+        return False, why
+    return _build.cuda_extension_status()
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _triton_status(device_type: str) -> tuple[bool, str]:
+    """The Triton kernels run on CUDA tensors, and on CPU tensors under the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed (pip install triton): {e}"
+    if device_type == "cpu":
+        if not _interpreter_on():
+            return False, ("Triton kernels need a CUDA GPU; on CPU tensors set TRITON_INTERPRET=1 (slow, for "
+                           "testing) or use backend='cpu'")
+    elif device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "Triton kernels need a CUDA GPU and torch.cuda.is_available() is False"
+    else:
+        return False, f"Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device_type}"
+    try:
+        kernels = _triton_kernels()
+    except Exception as e:  # a broken triton install, an incompatible version
+        return False, f"the Triton kernels failed to load: {type(e).__name__}: {e}"
+    if device_type == "cpu" and not kernels.INTERPRET:
+        return False, ("TRITON_INTERPRET=1 was set after fastelbo's Triton kernels were loaded for the GPU; set it "
+                       "before importing fastelbo, or use backend='cpu'")
+    return True, ""
+
+
+_triton_ops = None  # fastelbo.kernels.OPS once loaded (by available(), itself run by resolve())
+
+
+def _triton_kernels():
+    """fastelbo.kernels, imported on first use (importing it defines the kernels, as the interpreter says)."""
+    global _triton_ops
+    kernels = importlib.import_module("fastelbo.kernels")
+    _triton_ops = kernels.OPS
+    return kernels
 
 
 @torch.compiler.assume_constant_result
@@ -91,14 +153,28 @@ def resolve(backend: str, device_type: str) -> str:
     elif name in _UNRELEASED:
         raise RuntimeError(f"fastelbo backend {name!r} is not available: {_UNRELEASED[name]}; "
                            f"use backend='cpu' (CPU tensors) or 'reference'")
+    elif name == "triton":
+        ok, why = available(name, device_type)
+        if not ok:
+            instead = "backend='cpu' (or 'reference')" if device_type == "cpu" else "backend='reference'"
+            raise RuntimeError(f"fastelbo backend 'triton' cannot run {device_type} tensors here: {why}. "
+                               f"Use {instead} instead.")
+        return name
     if name == "cpu" and device_type != "cpu":
         raise ValueError(f"backend='cpu' runs on CPU tensors; got {device_type} tensors "
                          "(use backend='auto' or 'reference')")
+    if name == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend='cuda' runs on CUDA tensors; got {device_type} tensors "
+                         "(use backend='auto', 'cpu' or 'reference')")
     ok, why = available(name, device_type)
     return name if ok else _fallback(name, why)
 
 
 def impl(backend: str, device: torch.device):
-    """The op namespace of the chosen backend: torch.ops.fastelbo or reference.OPS."""
+    """The op namespace of the chosen backend: torch.ops.fastelbo, fastelbo.kernels.OPS or reference.OPS."""
     name = resolve(backend, device.type)
-    return reference.OPS if name == "reference" else _torch_ops
+    if name == "reference":
+        return reference.OPS
+    if name == "triton":
+        return _triton_ops  # loaded by resolve(), outside any traced graph
+    return _torch_ops

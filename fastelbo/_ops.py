@@ -123,13 +123,15 @@ def _(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_m
 
 # ---------------------------------------------------------------------------
 # Autograd: save inputs only (never eps, never a [B, D] intermediate), call the
-# backward op with the mask of gradients autograd asked for.
+# backward op with the mask of gradients autograd asked for. The backward
+# functions are built per backward op, so every backend's forward op (the C++
+# ops here, the Triton ops of fastelbo.kernels) shares one autograd logic.
 # ---------------------------------------------------------------------------
 def _or_none(grads, mask):
     return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
-def _save_inputs(ctx, inputs):
+def _save_inputs(ctx, inputs, output=None):
     """Keeps the inputs when some gradient is needed (they are inputs: no new memory)."""
     tensors = [t if isinstance(t, torch.Tensor) else None for t in inputs]
     ctx.save_for_backward(*(tensors if any(ctx.needs_input_grad) else [None] * len(tensors)))
@@ -147,62 +149,73 @@ def _rsample_setup(ctx, inputs, output):
     ctx.save_for_backward(*((logvar, seed, eps) if needed else (None, None, None)))
 
 
-def _rsample_backward(ctx, grad_z):
-    logvar, seed, eps = ctx.saved_tensors
-    need_mu, need_lv, _, need_eps = ctx.needs_input_grad
-    dlv = deps = None
-    if need_lv or need_eps:
-        dlv, deps = ops.rsample_backward(grad_z, logvar, seed, eps, [need_lv, need_eps])
-    return grad_z if need_mu else None, dlv if need_lv else None, None, deps if need_eps else None
+def _rsample_backward(rsample_backward):
+    def backward(ctx, grad_z):
+        logvar, seed, eps = ctx.saved_tensors
+        need_mu, need_lv, _, need_eps = ctx.needs_input_grad
+        dlv = deps = None
+        if need_lv or need_eps:
+            dlv, deps = rsample_backward(grad_z, logvar, seed, eps, [need_lv, need_eps])
+        return grad_z if need_mu else None, dlv if need_lv else None, None, deps if need_eps else None
+
+    return backward
 
 
-torch.library.register_autograd("fastelbo::rsample", _rsample_backward, setup_context=_rsample_setup)
+def _kl_backward(gaussian_kl_backward):
+    def backward(ctx, grad):
+        mu, logvar, prior_mu, prior_logvar = _saved(ctx)
+        mask = list(ctx.needs_input_grad[:4])
+        grads = gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, mask)
+        return _or_none(grads, mask)
+
+    return backward
 
 
-def _kl_backward(ctx, grad):
-    mu, logvar, prior_mu, prior_logvar = _saved(ctx)
-    mask = list(ctx.needs_input_grad[:4])
-    grads = ops.gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, mask)
-    return _or_none(grads, mask)
+def _bernoulli_backward(bernoulli_log_prob_backward):
+    def backward(ctx, grad):
+        logits, x, _ = _saved(ctx)
+        mask = list(ctx.needs_input_grad[:2])
+        return _or_none(bernoulli_log_prob_backward(grad, logits, x, mask), mask) + (None,)
+
+    return backward
 
 
-torch.library.register_autograd(
-    "fastelbo::gaussian_kl", _kl_backward, setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs)
-)
+def _gaussian_backward(gaussian_log_prob_backward):
+    def backward(ctx, grad):
+        mean, x, logvar = _saved(ctx)
+        mask = list(ctx.needs_input_grad[:3])
+        return _or_none(gaussian_log_prob_backward(grad, mean, x, logvar, mask), mask)
+
+    return backward
 
 
-def _bernoulli_backward(ctx, grad):
-    logits, x, _ = _saved(ctx)
-    mask = list(ctx.needs_input_grad[:2])
-    return _or_none(ops.bernoulli_log_prob_backward(grad, logits, x, mask), mask) + (None,)
-
-
-torch.library.register_autograd(
-    "fastelbo::bernoulli_log_prob", _bernoulli_backward,
-    setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs),
-)
-
-
-def _gaussian_backward(ctx, grad):
-    mean, x, logvar = _saved(ctx)
-    mask = list(ctx.needs_input_grad[:3])
-    return _or_none(ops.gaussian_log_prob_backward(grad, mean, x, logvar, mask), mask)
-
-
-torch.library.register_autograd(
-    "fastelbo::gaussian_log_prob", _gaussian_backward,
-    setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs),
-)
-
-
-def _elbo_backward(ctx, grad_elbo, grad_loglik, grad_kl):
-    x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, _ = _saved(ctx)
-    mask = list(ctx.needs_input_grad[:7])
-    grads = ops.elbo_backward(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_mu,
+def _elbo_backward(elbo_backward):
+    def backward(ctx, grad_elbo, grad_loglik, grad_kl):
+        x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, _ = _saved(ctx)
+        mask = list(ctx.needs_input_grad[:7])
+        grads = elbo_backward(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_mu,
                               prior_logvar, likelihood, beta, mask)
-    return _or_none(grads, mask) + (None, None, None)
+        return _or_none(grads, mask) + (None, None, None)
+
+    return backward
 
 
-torch.library.register_autograd(
-    "fastelbo::elbo", _elbo_backward, setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs)
-)
+# op family (the schema of fastelbo::<family>) -> (backward factory, setup_context)
+_AUTOGRAD = {
+    "rsample": (_rsample_backward, _rsample_setup),
+    "gaussian_kl": (_kl_backward, _save_inputs),
+    "bernoulli_log_prob": (_bernoulli_backward, _save_inputs),
+    "gaussian_log_prob": (_gaussian_backward, _save_inputs),
+    "elbo": (_elbo_backward, _save_inputs),
+}
+
+
+def register_autograd(op: str, family: str, backward_op) -> None:
+    """Autograd for forward op `op` (schema of fastelbo::<family>) whose gradients come from `backward_op`
+    (schema of fastelbo::<family>_backward)."""
+    make_backward, setup_context = _AUTOGRAD[family]
+    torch.library.register_autograd(op, make_backward(backward_op), setup_context=setup_context)
+
+
+for _family in _AUTOGRAD:
+    register_autograd(f"fastelbo::{_family}", _family, getattr(ops, _family + "_backward"))

@@ -1,0 +1,53 @@
+"""fastelbo's Triton kernels (shipped as fastelbo.kernels): one module per op family,
+
+    rsample.py   reparameterized sample, Philox noise regenerated in the backward
+    kl.py        Gaussian KL to N(0, I) or a diagonal Gaussian prior
+    loglik.py    Bernoulli and Gaussian log-likelihood
+    elbo.py      the fused ELBO: log-likelihood over Dx and KL over Dz, one launch each way
+    _tiles.py    tile sizes, autotuning, launch helpers and shared @triton.jit helpers
+
+each registered as ``fastelbo::triton_<op>`` / ``fastelbo::triton_<op>_backward``
+with torch.library.triton_op (torch.compile traces into them), the autograd
+of fastelbo._ops and the autocast rule of fastelbo._autocast. ``OPS`` holds them under the names and call signatures of
+torch.ops.fastelbo, for fastelbo._backend.impl("triton").
+
+On CPU tensors the kernels run under the Triton interpreter, which must be on
+(TRITON_INTERPRET=1) before this package is imported.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from fastelbo import _autocast, _ops
+
+from . import _tiles, elbo, kl, loglik, rsample  # noqa: F401  (defines and registers the ops)
+
+INTERPRET = _tiles.INTERPRET
+
+_FAMILIES = ("rsample", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo")
+
+for _family in _FAMILIES:
+    _ops.register_autograd(f"fastelbo::triton_{_family}", _family,
+                           getattr(torch.ops.fastelbo, f"triton_{_family}_backward"))
+    _autocast.register(f"fastelbo::triton_{_family}")  # float32 inside torch.autocast, as the C++ ops
+
+# The op namespace of the "triton" backend: same names and signatures as torch.ops.fastelbo.
+OPS = SimpleNamespace(**{
+    name: getattr(torch.ops.fastelbo, f"triton_{name}")
+    for family in _FAMILIES for name in (family, family + "_backward")
+})
+
+# Every @triton.jit kernel (for build checks): name -> JITFunction.
+KERNELS = {
+    "rsample_fwd": rsample._rsample_fwd_kernel,
+    "rsample_bwd": rsample._rsample_bwd_kernel,
+    "kl_fwd": kl._kl_fwd_kernel,
+    "kl_bwd": kl._kl_bwd_kernel,
+    "loglik_fwd": loglik._loglik_fwd_kernel,
+    "loglik_bwd": loglik._loglik_bwd_kernel,
+    "elbo_fwd": elbo._elbo_fwd_kernel,
+    "elbo_bwd": elbo._elbo_bwd_kernel,
+}

@@ -1,0 +1,316 @@
+"""Shared pieces of the Triton kernels: tile sizes, autotuning, launching, and
+the @triton.jit helpers every op family uses (strided tile loads, the
+accumulation type, the Philox noise of DESIGN §2).
+
+Tiling. Row-reduction kernels (KL, log-likelihoods, ELBO) work on 2-D tiles
+[ROWS, BLOCK] of the [B, D] operands: BLOCK columns of ROWS rows at a time,
+looping over column chunks when D > BLOCK, so many short rows share a program
+and long rows (Dx up to 3*256*256) stream through a few registers. BLOCK
+follows D (next power of two, capped); ROWS and num_warps are autotuned on
+GPUs (key: D and the tensors' dtypes). Elementwise noise kernels (rsample) use
+flat blocks of BLOCK logical elements, a multiple of 4 so that each Philox
+counter group lies in one program.
+
+Interpreter (TRITON_INTERPRET=1, CPU tensors): every program instance and
+every loop trip costs milliseconds whatever the block size, so one fixed,
+large configuration is used and nothing is autotuned.
+
+Accumulation: float32 for float16/bfloat16/float32 inputs, float64 for
+float64 inputs (FP64 constexpr), as the C++ kernels do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+# ---------------------------------------------------------------------------
+# Tuning helpers
+# ---------------------------------------------------------------------------
+INTERPRET = bool(triton.knobs.runtime.interpret)  # fixed when the kernels are defined, as triton.jit decides
+
+# Columns per chunk of a row: GPUs keep 8-16 values per thread per operand, the
+# interpreter takes whole rows (a loop trip costs as much as a big block).
+GPU_MAX_BLOCK = 2048
+INTERPRET_MAX_BLOCK = 65536
+INTERPRET_TILE = 16384  # elements of a [ROWS, BLOCK] tile under the interpreter
+INTERPRET_FLAT_BLOCK = 65536  # elements per program of the flat (rsample) kernels
+
+
+def block_for(cols: int) -> int:
+    """BLOCK for rows of `cols` columns: the next power of two, capped (longer rows loop)."""
+    cap = INTERPRET_MAX_BLOCK if INTERPRET else GPU_MAX_BLOCK
+    return min(triton.next_power_of_2(max(int(cols), 1)), cap)
+
+
+def interpreter_rows(rows: int, block: int) -> int:
+    return max(1, min(triton.next_power_of_2(max(int(rows), 1)), INTERPRET_TILE // block))
+
+
+def _row_configs():
+    # (ROWS, num_warps) candidates; the prune keeps the few that suit the BLOCK of a call.
+    return [triton.Config({"ROWS": 2**i}, num_warps=w) for i in range(9) for w in (2, 4, 8)]
+
+
+def _prune_row_configs(configs, named_args, **kwargs):
+    """Per warp count, the smallest and the largest ROWS whose tile ROWS * BLOCK holds 1 to 16
+    elements per thread per operand (8 for float64: no spills in the widest backward, see
+    tests/test_triton_cubin.py) and is at least 1024 elements when rows are short."""
+    args = {**named_args, **kwargs}
+    block = max(args[k] for k in ("BLOCK", "BLOCK_X", "BLOCK_Z") if k in args)
+    per_thread = 8 if args.get("FP64") else 16
+    keep = []
+    for w in (2, 4, 8):
+        fits = [c for c in configs
+                if c.num_warps == w and 32 * w <= c.kwargs["ROWS"] * block <= per_thread * 32 * w]
+        fits.sort(key=lambda c: c.kwargs["ROWS"])
+        big = [c for c in fits if c.kwargs["ROWS"] * block >= 1024] or fits[-1:]
+        keep += big[:1] + big[-1:] if len(big) > 1 else big
+    return keep or [c for c in configs if c.kwargs["ROWS"] == 1 and c.num_warps == 8]
+
+
+def row_autotune(kernel, key):
+    """The GPU launcher of a [ROWS, BLOCK] kernel: ROWS and num_warps autotuned on `key` (+ dtypes)."""
+    prune = {"early_config_prune": _prune_row_configs}
+    return triton.autotune(configs=_row_configs(), key=key, prune_configs_by=prune)(kernel)
+
+
+def _flat_configs():
+    # At most 8 elements per thread: Philox keeps 4 words per counter group live (16 per thread spill).
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 2), (1024, 4), (1024, 8), (2048, 8))]
+
+
+def _prune_flat_configs(configs, named_args, **kwargs):
+    n = int({**named_args, **kwargs}["N"])
+    keep = [c for c in configs if c.kwargs["BLOCK"] <= max(triton.next_power_of_2(n), 512)]
+    return keep or configs[:1]
+
+
+def flat_autotune(kernel, key):
+    """The GPU launcher of a flat kernel: BLOCK (elements per program) and num_warps autotuned."""
+    prune = {"early_config_prune": _prune_flat_configs}
+    return triton.autotune(configs=_flat_configs(), key=key, prune_configs_by=prune)(kernel)
+
+
+# ---------------------------------------------------------------------------
+# Launch helpers (host)
+# ---------------------------------------------------------------------------
+def _interpreter_tracing(args) -> bool:
+    """Under the interpreter, fake tensors (shape propagation: torch.compile, opcheck) get
+    no launch: the interpreter would read their data. On GPUs wrap_triton traces the launch."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(t, torch.Tensor) and is_fake(t) for t in args)
+
+
+def opaque_under_interpreter(op: str):
+    """Decorates the body of triton_op `op`. torch.compile decomposes a triton_op into its kernel
+    launches (wrap_triton), which the interpreter cannot trace; under the interpreter the op is
+    kept whole in the graph instead (run eagerly by the compiled code). No effect on GPUs."""
+
+    def decorator(fn):
+        if not INTERPRET:
+            return fn
+
+        @functools.wraps(fn)
+        def body(*args, **kwargs):
+            from torch._subclasses.functional_tensor import FunctionalTensor
+
+            if any(isinstance(a, FunctionalTensor) for a in args):
+                with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+                    return getattr(torch.ops.fastelbo, op.split("::")[1]).default(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return body
+
+    return decorator
+
+
+def launch_rows(kernel, tuned, rows: int, args: tuple, block: int, **constexprs) -> None:
+    """Runs a [ROWS, BLOCK] kernel over `rows` rows. `block` is the widest BLOCK* constexpr
+    (already among `constexprs`); it sizes ROWS under the interpreter."""
+    if rows == 0:
+        return
+    if INTERPRET:
+        if _interpreter_tracing(args):
+            return
+        r = interpreter_rows(rows, block)
+        kernel[(triton.cdiv(rows, r),)](*args, ROWS=r, **constexprs)
+        return
+    wrap_triton(tuned)[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **constexprs)
+
+
+def launch_flat(kernel, tuned, n: int, args: tuple, **constexprs) -> None:
+    """Runs a flat kernel over n logical elements (blocks of BLOCK, a multiple of 4)."""
+    if n == 0:
+        return
+    if INTERPRET:
+        if _interpreter_tracing(args):
+            return
+        block = min(INTERPRET_FLAT_BLOCK, max(4, triton.next_power_of_2(n)))
+        kernel[(triton.cdiv(n, block),)](*args, BLOCK=block, **constexprs)
+        return
+    wrap_triton(tuned)[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](*args, **constexprs)
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_like(a: torch.Tensor, an: str, b: torch.Tensor | None, bn: str) -> None:
+    """b (when given) has a's shape and dtype; a is a 2-D floating tensor (as csrc/cpu/checks.h)."""
+    torch._check(a.dim() == 2, lambda: f"fastelbo: {an} must be 2-D [B, D], got shape {tuple(a.shape)}")
+    torch._check(a.dtype in _DTYPES, lambda: f"fastelbo: {an} must be float16, bfloat16, float32 or float64, "
+                 f"got {a.dtype}")
+    if b is None:
+        return
+    torch._check(b.shape == a.shape, lambda: f"fastelbo: {bn} must have the shape of {an} {tuple(a.shape)}, "
+                 f"got {tuple(b.shape)}")
+    torch._check(b.dtype == a.dtype, lambda: f"fastelbo: {bn} must have dtype {a.dtype}, got {b.dtype}")
+    torch._check(b.device == a.device, lambda: f"fastelbo: {bn} must be on {a.device}, got {b.device}")
+
+
+def check_row_grad(g: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
+    """An upstream gradient of a per-row result: [B], the rows' dtype."""
+    if g is None:
+        return
+    torch._check(g.dim() == 1 and g.shape[0] == like.shape[0],
+                 lambda: f"fastelbo: {name} must have shape [{like.shape[0]}], got {tuple(g.shape)}")
+    torch._check(g.dtype == like.dtype, lambda: f"fastelbo: {name} must have dtype {like.dtype}, got {g.dtype}")
+
+
+X_RANGE_MESSAGE = ("fastelbo: x must lie in [0, 1] for the Bernoulli likelihood "
+                   "(pass validate_args=False to skip this check)")
+
+
+def check_unit_interval(bad_rows: torch.Tensor) -> None:
+    """Raises ValueError (as the C++ kernels do) when a forward kernel flagged a row with x outside
+    [0, 1]: one device sync in eager mode; while tracing (torch.compile) an async assert in the graph."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    bad = bad_rows.any()
+    if is_fake(bad_rows):
+        torch._assert_async(~bad, X_RANGE_MESSAGE)
+    elif bool(bad):
+        raise ValueError(X_RANGE_MESSAGE)
+
+
+def fp64(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.float64)
+
+
+def split_float(value: float) -> tuple[float, float]:
+    """value as hi + lo, two float32 numbers (Triton passes Python floats as fp32):
+    exact to ~2^-48 relative, so float64 kernels see beta in float64."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+def strides(t: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def or_dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an absent optional operand (never read: its HAS_* flag is 0)."""
+    return like if t is None else t
+
+
+def grad_or_empty(wanted: bool, like: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous gradient, or an empty tensor for one not asked for (as the C++ ops); the
+    kernels get the empty one as the pointer of an output they do not write (its WANT_* is 0)."""
+    return like.new_empty(like.shape) if wanted else like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------
+# @triton.jit helpers
+# ---------------------------------------------------------------------------
+@triton.jit
+def acc(x, FP64: tl.constexpr):
+    """x in the accumulation type: float64 for float64 kernels, float32 otherwise."""
+    if FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def float_pair(hi, lo, ROWS: tl.constexpr, FP64: tl.constexpr):
+    """hi + lo (two float32 kernel arguments, see split_float) in the accumulation type, as [ROWS]."""
+    return acc(tl.full([ROWS], hi, tl.float32), FP64) + acc(tl.full([ROWS], lo, tl.float32), FP64)
+
+
+@triton.jit
+def row_ids(pid, ROWS: tl.constexpr):
+    """The int64 row indices of program pid's tile."""
+    return pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, s0, s1, mask, FP64: tl.constexpr):
+    """[ROWS, BLOCK] tile of a [B, D] operand with strides (s0, s1) (0 = broadcast), upcast."""
+    offs = rows[:, None] * s0 + cols[None, :].to(tl.int64) * s1
+    return acc(tl.load(ptr + offs, mask=mask, other=0.0), FP64)
+
+
+@triton.jit
+def store_tile(ptr, rows, cols, D, value, mask):
+    """Stores a [ROWS, BLOCK] tile into a contiguous [B, D] result (rounded to its dtype)."""
+    offs = rows[:, None] * D + cols[None, :]
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_row_scalar(ptr, rows, s0, row_mask, HAS: tl.constexpr, FP64: tl.constexpr):
+    """A [B] per-row value (upstream gradient, maybe expanded with stride 0); 0 when absent."""
+    if HAS:
+        return acc(tl.load(ptr + rows * s0, mask=row_mask, other=0.0), FP64)
+    else:
+        return acc(tl.zeros(rows.shape, dtype=tl.float32), FP64)
+
+
+@triton.jit
+def box_muller(u0, u1):
+    """tl.pair_uniform_to_normal in the uniforms' type (fastelbo_math.h box_muller)."""
+    u0 = tl.maximum(1.0e-7, u0)
+    th = 6.283185307179586 * u1
+    r = tl.sqrt(-2.0 * tl.log(u0))
+    return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
+def normals(seed, groups, FP64: tl.constexpr):
+    """eps of the 4 * G logical elements of counter groups `groups` ([G], int64, consecutive),
+    flat and in element order: lane l of group g is element 4g + l (DESIGN §2). Uniforms are
+    exact float32 (tl.rand4x); Box-Muller runs in the accumulation type, so for float32 this
+    is tl.randn4x."""
+    u0, u1, u2, u3 = tl.rand4x(seed, groups)
+    n0, n1 = box_muller(acc(u0, FP64), acc(u1, FP64))
+    n2, n3 = box_muller(acc(u2, FP64), acc(u3, FP64))
+    # join appends the last dim: [G, 2, 2] with [g, i, k] = lane 2i + k, flattened row-major.
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (4 * groups.shape[0], ))
+
+
+@triton.jit
+def log1p_unit(t, FP64: tl.constexpr):
+    """log1p(t) for t = e^-|l| in (0, 1] (fastelbo_math.h log1p_unit): the 7-term atanh series of
+    log1p_unit_series in single precision; in double, log(1 + t) * t / ((1 + t) - 1), accurate to
+    an ulp or two (C++: ::log1p; Triton has no portable log1p)."""
+    if FP64:
+        u = 1.0 + t
+        d = u - 1.0
+        return tl.where(d == 0.0, t, tl.log(u) * (t / tl.where(d == 0.0, 1.0, d)))
+    else:
+        s = t / (2.0 + t)
+        w = s * s
+        p = 1.0 / 13
+        p = p * w + 1.0 / 11
+        p = p * w + 1.0 / 9
+        p = p * w + 1.0 / 7
+        p = p * w + 1.0 / 5
+        p = p * w + 1.0 / 3
+        p = p * w + 1.0
+        return 2.0 * s * p

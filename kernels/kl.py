@@ -1,0 +1,190 @@
+"""Gaussian KL of q = N(mu, e^lv) to N(0, I) or to N(pmu, e^plv) (DESIGN §1 rows 2-3), Triton:
+    forward   0.5 * sum(e^lv + mu^2 - 1 - lv)                                 (fastelbo_math.h kl_std)
+              0.5 * sum(plv - lv + e^(lv - plv) + (mu - pmu)^2 e^-plv - 1)    (kl_normal)
+    backward  dmu = g mu, dlv = g (e^lv - 1) / 2                               (kl_std_grad)
+              dmu = g (mu - pmu) e^-plv = -dpmu, dlv = g (e^(lv - plv) - 1) / 2,
+              dplv = g (1 - e^(lv - plv) - (mu - pmu)^2 e^-plv) / 2            (kl_normal_grad)
+Tiles of [ROWS, BLOCK]; the row helpers are shared with the fused ELBO (kernels/elbo.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from . import _tiles as T
+
+
+# ---------------------------------------------------------------------------
+# Row helpers (also used by the fused ELBO kernels)
+# ---------------------------------------------------------------------------
+@triton.jit
+def kl_rows(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, row_mask, D,
+            s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+            HAS_PRIOR: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """KL of each row of the tile, [ROWS], in the accumulation type."""
+    total = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+    for j0 in range(0, D, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
+        lv = T.load_tile(lv_ptr, rows, cols, s_l0, s_l1, mask, FP64)
+        if HAS_PRIOR:
+            pmu = T.load_tile(pmu_ptr, rows, cols, s_pm0, s_pm1, mask, FP64)
+            plv = T.load_tile(plv_ptr, rows, cols, s_pl0, s_pl1, mask, FP64)
+            d = mu - pmu
+            term = 0.5 * (plv - lv + (tl.exp(lv - plv) + d * d * tl.exp(-plv)) - 1.0)
+        else:
+            term = 0.5 * (tl.exp(lv) + mu * mu - 1.0 - lv)
+        total += tl.where(mask, term, 0.0)
+    return tl.sum(total, axis=1)
+
+
+@triton.jit
+def kl_grad_rows(g, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, rows, row_mask, D,
+                 s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+                 HAS_PRIOR: tl.constexpr, WANT_MU: tl.constexpr, WANT_LV: tl.constexpr, WANT_PMU: tl.constexpr,
+                 WANT_PLV: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """Writes the wanted KL gradients of the tile's rows, g ([ROWS]) the upstream gradient."""
+    gg = g[:, None]
+    for j0 in range(0, D, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        lv = T.load_tile(lv_ptr, rows, cols, s_l0, s_l1, mask, FP64)
+        if HAS_PRIOR:
+            plv = T.load_tile(plv_ptr, rows, cols, s_pl0, s_pl1, mask, FP64)
+            var_ratio = tl.exp(lv - plv)
+            if WANT_LV:
+                T.store_tile(dlv_ptr, rows, cols, D, gg * 0.5 * (var_ratio - 1.0), mask)
+            if WANT_MU or WANT_PMU or WANT_PLV:
+                mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
+                pmu = T.load_tile(pmu_ptr, rows, cols, s_pm0, s_pm1, mask, FP64)
+                d = mu - pmu
+                inv_pvar = tl.exp(-plv)
+                dmu = gg * d * inv_pvar
+                if WANT_MU:
+                    T.store_tile(dmu_ptr, rows, cols, D, dmu, mask)
+                if WANT_PMU:
+                    T.store_tile(dpmu_ptr, rows, cols, D, 0.0 - dmu, mask)
+                if WANT_PLV:
+                    T.store_tile(dplv_ptr, rows, cols, D, gg * 0.5 * (1.0 - var_ratio - d * d * inv_pvar), mask)
+        else:
+            if WANT_MU:
+                mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
+                T.store_tile(dmu_ptr, rows, cols, D, gg * mu, mask)
+            if WANT_LV:
+                T.store_tile(dlv_ptr, rows, cols, D, gg * 0.5 * (tl.exp(lv) - 1.0), mask)
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+@triton.jit
+def _kl_fwd_kernel(
+    mu_ptr,  # [B, D] posterior mean, strides (s_m0, s_m1)
+    lv_ptr,  # [B, D] posterior log-variance, strides (s_l0, s_l1)
+    pmu_ptr,  # [B, D] prior mean (expanded: stride 0 over B), read when HAS_PRIOR
+    plv_ptr,  # [B, D] prior log-variance (expanded), read when HAS_PRIOR
+    kl_ptr,  # [B] out
+    B, D,
+    s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+    HAS_PRIOR: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = T.row_ids(pid, ROWS)
+    row_mask = rows < B
+    kl = kl_rows(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, row_mask, D, s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0,
+                 s_pl1, HAS_PRIOR, FP64, ROWS, BLOCK)
+    tl.store(kl_ptr + rows, kl.to(kl_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    g_ptr,  # [B] upstream gradient, stride s_g (0: expanded)
+    mu_ptr,  # [B, D] posterior mean, strides (s_m0, s_m1)
+    lv_ptr,  # [B, D] posterior log-variance, strides (s_l0, s_l1)
+    pmu_ptr,  # [B, D] prior mean (expanded), read when HAS_PRIOR
+    plv_ptr,  # [B, D] prior log-variance (expanded), read when HAS_PRIOR
+    dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # [B, D] out, contiguous, written when WANT_*
+    B, D, s_g,
+    s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+    HAS_PRIOR: tl.constexpr, WANT_MU: tl.constexpr, WANT_LV: tl.constexpr, WANT_PMU: tl.constexpr,
+    WANT_PLV: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = T.row_ids(pid, ROWS)
+    row_mask = rows < B
+    g = T.load_row_scalar(g_ptr, rows, s_g, row_mask, True, FP64)
+    kl_grad_rows(g, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, rows, row_mask, D,
+                 s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1, HAS_PRIOR, WANT_MU, WANT_LV, WANT_PMU, WANT_PLV,
+                 FP64, BLOCK)
+
+
+_kl_fwd_tuned = T.row_autotune(_kl_fwd_kernel, key=["D"])
+_kl_bwd_tuned = T.row_autotune(_kl_bwd_kernel, key=["D"])
+
+
+# ---------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------
+def check_kl_args(mu, logvar, prior_mu, prior_logvar):
+    T.check_like(mu, "mu", logvar, "logvar")
+    T.check_like(mu, "mu", prior_mu, "prior_mu")
+    T.check_like(mu, "mu", prior_logvar, "prior_logvar")
+    torch._check((prior_mu is None) == (prior_logvar is None), lambda: (
+        "fastelbo: prior_mu and prior_logvar must be given together (the Python API fills a missing one)"))
+
+
+def kl_operands(mu, logvar, prior_mu, prior_logvar):
+    """Pointer and stride arguments of kl_rows / kl_grad_rows."""
+    return ((mu, logvar, T.or_dummy(prior_mu, mu), T.or_dummy(prior_logvar, mu)),
+            (*T.strides(mu), *T.strides(logvar), *T.strides(prior_mu), *T.strides(prior_logvar)))
+
+
+def kl_fwd(mu, logvar, prior_mu, prior_logvar):
+    check_kl_args(mu, logvar, prior_mu, prior_logvar)
+    B, D = mu.shape
+    kl = mu.new_empty(B)
+    ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
+    block = T.block_for(D)
+    T.launch_rows(_kl_fwd_kernel, _kl_fwd_tuned, B, (*ptrs, kl, B, D, *strides), block,
+                  HAS_PRIOR=int(prior_mu is not None), FP64=T.fp64(mu), BLOCK=block)
+    return kl
+
+
+def kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
+    check_kl_args(mu, logvar, prior_mu, prior_logvar)
+    T.check_row_grad(grad, "grad", mu)
+    has_prior = prior_mu is not None
+    want = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and has_prior,
+            bool(output_mask[3]) and has_prior]
+    d = [T.grad_or_empty(w, mu) for w in want]
+    B, D = mu.shape
+    if any(want):
+        ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
+        block = T.block_for(D)
+        T.launch_rows(_kl_bwd_kernel, _kl_bwd_tuned, B, (grad, *ptrs, *d, B, D, grad.stride(0), *strides), block,
+                      HAS_PRIOR=int(has_prior), WANT_MU=int(want[0]), WANT_LV=int(want[1]), WANT_PMU=int(want[2]),
+                      WANT_PLV=int(want[3]), FP64=T.fp64(mu), BLOCK=block)
+    return tuple(d)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+@triton_op("fastelbo::triton_gaussian_kl", mutates_args=())
+@T.opaque_under_interpreter("fastelbo::triton_gaussian_kl")
+def triton_gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None,
+                       prior_logvar: torch.Tensor | None) -> torch.Tensor:
+    return kl_fwd(mu, logvar, prior_mu, prior_logvar)
+
+
+@triton_op("fastelbo::triton_gaussian_kl_backward", mutates_args=())
+@T.opaque_under_interpreter("fastelbo::triton_gaussian_kl_backward")
+def triton_gaussian_kl_backward(grad: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                                prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None,
+                                output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    return kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, output_mask)
