@@ -12,6 +12,7 @@ from . import _ops  # noqa: F401  (registers the fastelbo:: ops)
 from . import _autocast  # noqa: F401  (their torch.autocast rules: float32, see docs/training.md)
 from . import reference
 from ._backend import FallbackWarning
+from ._build import BuildError, load_kernels
 from ._validate import set_default_validate_args
 from .functional import ELBOTerms, bernoulli_log_prob, elbo, gaussian_kl, gaussian_log_prob, rsample
 from .loss import ELBOLoss
@@ -27,6 +28,8 @@ __all__ = [
     "ELBOTerms",
     "ELBOLoss",
     "FallbackWarning",
+    "BuildError",
+    "load_kernels",
     "set_default_validate_args",
     "reference",
     "__version__",

@@ -324,5 +324,15 @@ def cuda_extension_status() -> tuple[bool, str]:
         return False, str(exc)
 
 
-__all__ = ["BuildError", "load_cpu_extension", "cpu_extension_status", "compatibility", "cache_root", "csrc_dir",
+def load_kernels(cuda: bool | None = None) -> None:
+    """Builds (first time) and loads fastelbo's C++ kernels now rather than at the
+    first API call: what a process needs before it runs a torch.export'ed or
+    AOTInductor-packaged program holding fastelbo:: ops. CUDA kernels too when
+    `cuda` is True (default: when a CUDA device is present). Raises BuildError."""
+    load_cpu_extension()
+    if cuda or (cuda is None and torch.cuda.is_available()):
+        load_cuda_extension()
+
+
+__all__ = ["BuildError", "load_kernels", "load_cpu_extension", "cpu_extension_status", "compatibility", "cache_root", "csrc_dir",
            "strict_mode", "load_cuda_extension", "cuda_extension_status", "cuda_compatibility", "cuda_home"]

@@ -219,3 +219,18 @@ def register_autograd(op: str, family: str, backward_op) -> None:
 
 for _family in _AUTOGRAD:
     register_autograd(f"fastelbo::{_family}", _family, getattr(ops, _family + "_backward"))
+
+
+# The backward ops are not differentiable: say so loudly instead of torch's
+# fallback, which only warns and hands back a silent None second derivative.
+def _no_double_backward(op_name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastelbo: {op_name} is not differentiable (double backward through fastelbo's ops "
+                           "is not supported; use fastelbo.reference for higher-order derivatives)")
+
+    return backward
+
+
+for _family in _AUTOGRAD:
+    torch.library.register_autograd(f"fastelbo::{_family}_backward", _no_double_backward(f"{_family}_backward"),
+                                    setup_context=lambda ctx, inputs, output: None)

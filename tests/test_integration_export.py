@@ -110,7 +110,7 @@ def test_export_dynamic_batch():
 _FRESH_PROCESS = textwrap.dedent("""
     import sys, torch
     import fastelbo                      # defines the fastelbo:: op schemas
-    fastelbo._build.load_cpu_extension()  # registers the C++ CPU kernels (otherwise: loaded at first API call)
+    fastelbo.load_kernels()  # registers the C++ CPU kernels (otherwise: loaded at first API call)
     x, seed = torch.load(sys.argv[2])
     if sys.argv[1].endswith("aoti.pt2"):
         out = torch._inductor.aoti_load_package(sys.argv[1])(x, seed)

@@ -67,10 +67,6 @@ def test_gradcheck(fused, case):
 
 def test_double_backward_is_never_silently_wrong(fused, request):
     """A second derivative through a fastelbo op is either right or a loud error, never a silent None."""
-    if fused.name in ("cpu", "cuda"):  # the C++ ops of torch.ops.fastelbo (the Triton ones raise, as they should)
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="BUG (reported): fastelbo::*_backward (Library DEF, C++ kernels) have no autograd "
-            "kernel, so torch's fallback only warns and the second derivative is silently None"))
     g = generator_for("double")
     mu = randn((3, 4), g, dtype=F64).to(fused.device).requires_grad_()
     lv = rand((3, 4), g, -1, 1, dtype=F64).to(fused.device).requires_grad_()
