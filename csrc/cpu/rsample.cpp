@@ -63,16 +63,44 @@ uint64_t seed_value(const at::Tensor& seed) {
   return static_cast<uint64_t>(seed.item<int64_t>());
 }
 
-template <class T>
-Noise<T> noise(const std::optional<at::Tensor>& eps, const at::Tensor& seed, int64_t cols) {
-  if (eps.has_value()) return Noise<T>{true, operand<T>(*eps), 0, cols};
-  return Noise<T>{false, {}, seed_value(seed), cols};
+
+// The logical [rows, cols] of a sample. When every operand is contiguous the
+// sample is one row of rows * cols elements (the noise index is the flat index
+// either way), so narrow rows (Dz = 8) still fill whole vectors and chunks.
+struct Span {
+  int64_t rows, cols;
+  bool flat;
+};
+
+inline Span span_of(std::initializer_list<const at::Tensor*> operands) {
+  const at::Tensor& first = **operands.begin();
+  bool flat = true;
+  for (const at::Tensor* t : operands) flat = flat && t->is_contiguous();
+  if (flat) return Span{1, first.numel(), true};
+  return Span{first.size(0), first.size(1), false};
 }
 
-// Walks one row in chunks of kChunk columns: f(first column, count).
+template <class T>
+Operand<T> operand_in(const at::Tensor& t, const Span& span) {
+  return span.flat ? Operand<T>{t.const_data_ptr<T>(), 0, 1} : operand<T>(t);
+}
+
+template <class T>
+Noise<T> noise(const std::optional<at::Tensor>& eps, const at::Tensor& seed, const Span& span) {
+  if (eps.has_value()) return Noise<T>{true, operand_in<T>(*eps, span), 0, span.cols};
+  return Noise<T>{false, {}, seed_value(seed), span.cols};
+}
+
+// f(row, first column, count) over every chunk of the span, chunks in parallel.
 template <class F>
-void for_each_chunk(int64_t cols, F f) {
-  for (int64_t j = 0; j < cols; j += kChunk) f(j, std::min(kChunk, cols - j));
+void parallel_chunks(const Span& span, F f) {
+  const int64_t per_row = (span.cols + kChunk - 1) / kChunk;
+  at::parallel_for(0, span.rows * per_row, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / per_row, j = (t % per_row) * kChunk;
+      f(i, j, std::min(kChunk, span.cols - j));
+    }
+  });
 }
 
 }  // namespace
@@ -82,28 +110,24 @@ at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at:
   check_like(mu, "mu", logvar, "logvar");
   check_like(mu, "mu", eps, "eps");
   auto z = at::empty(mu.sizes(), mu.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t rows = mu.size(0), cols = mu.size(1);
   if (z.numel() == 0) return z;
+  const Span span = eps.has_value() ? span_of({&mu, &logvar, &*eps}) : span_of({&mu, &logvar});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_rsample_cpu", [&] {
     using A = acc_t<scalar_t>;
     using Vec = at::vec::Vectorized<A>;
-    const auto m = operand<scalar_t>(mu), lv = operand<scalar_t>(logvar);
-    const auto e = noise<scalar_t>(eps, seed, cols);
+    const auto m = operand_in<scalar_t>(mu, span), lv = operand_in<scalar_t>(logvar, span);
+    const auto e = noise<scalar_t>(eps, seed, span);
     scalar_t* out = z.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    parallel_chunks(span, [&](int64_t i, int64_t j, int64_t n) {
       alignas(64) A s_mu[kChunk], s_lv[kChunk], s_eps[kChunk], s_z[kChunk];
-      for (int64_t i = r0; i < r1; ++i) {
-        for_each_chunk(cols, [&](int64_t j, int64_t n) {
-          const A* pm = m.chunk(i, j, n, s_mu);
-          const A* pl = lv.chunk(i, j, n, s_lv);
-          const A* pe = e.chunk(i, j, n, s_eps);
-          for (int64_t k = 0; k < n; k += Vec::size()) {
-            const int64_t w = std::min<int64_t>(Vec::size(), n - k);
-            reparam(Vec::loadu(pm + k, w), Vec::loadu(pl + k, w), Vec::loadu(pe + k, w)).store(s_z + k, w);
-          }
-          store_chunk(out + i * cols, j, n, s_z);
-        });
+      const A* pm = m.chunk(i, j, n, s_mu);
+      const A* pl = lv.chunk(i, j, n, s_lv);
+      const A* pe = e.chunk(i, j, n, s_eps);
+      for (int64_t k = 0; k < n; k += Vec::size()) {
+        const int64_t w = std::min<int64_t>(Vec::size(), n - k);
+        reparam(Vec::loadu(pm + k, w), Vec::loadu(pl + k, w), Vec::loadu(pe + k, w)).store(s_z + k, w);
       }
+      store_chunk(out + i * span.cols, j, n, s_z);
     });
   });
   return z;
@@ -116,31 +140,27 @@ std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z
   check_like(logvar, "logvar", eps, "eps");
   auto dlv = grad_or_empty(output_mask[0], logvar);
   auto deps = grad_or_empty(output_mask[1], logvar);
-  const int64_t rows = logvar.size(0), cols = logvar.size(1);
-  if (rows * cols == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
+  if (logvar.numel() == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
+  const Span span = eps.has_value() ? span_of({&grad_z, &logvar, &*eps}) : span_of({&grad_z, &logvar});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logvar.scalar_type(), "fastelbo_rsample_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     using Vec = at::vec::Vectorized<A>;
-    const auto g = operand<scalar_t>(grad_z), lv = operand<scalar_t>(logvar);
-    const auto e = noise<scalar_t>(eps, seed, cols);
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    const auto g = operand_in<scalar_t>(grad_z, span), lv = operand_in<scalar_t>(logvar, span);
+    const auto e = noise<scalar_t>(eps, seed, span);
+    parallel_chunks(span, [&](int64_t i, int64_t j, int64_t n) {
       alignas(64) A s_g[kChunk], s_lv[kChunk], s_eps[kChunk], s_dlv[kChunk], s_deps[kChunk];
-      for (int64_t i = r0; i < r1; ++i) {
-        for_each_chunk(cols, [&](int64_t j, int64_t n) {
-          const A* pg = g.chunk(i, j, n, s_g);
-          const A* pl = lv.chunk(i, j, n, s_lv);
-          const A* pe = e.chunk(i, j, n, s_eps);
-          for (int64_t k = 0; k < n; k += Vec::size()) {
-            const int64_t w = std::min<int64_t>(Vec::size(), n - k);
-            Vec vdlv, vdeps;
-            reparam_grad(Vec::loadu(pg + k, w), Vec::loadu(pl + k, w), Vec::loadu(pe + k, w), vdlv, vdeps);
-            vdlv.store(s_dlv + k, w);
-            vdeps.store(s_deps + k, w);
-          }
-          if (output_mask[0]) store_chunk(dlv.data_ptr<scalar_t>() + i * cols, j, n, s_dlv);
-          if (output_mask[1]) store_chunk(deps.data_ptr<scalar_t>() + i * cols, j, n, s_deps);
-        });
+      const A* pg = g.chunk(i, j, n, s_g);
+      const A* pl = lv.chunk(i, j, n, s_lv);
+      const A* pe = e.chunk(i, j, n, s_eps);
+      for (int64_t k = 0; k < n; k += Vec::size()) {
+        const int64_t w = std::min<int64_t>(Vec::size(), n - k);
+        Vec vdlv, vdeps;
+        reparam_grad(Vec::loadu(pg + k, w), Vec::loadu(pl + k, w), Vec::loadu(pe + k, w), vdlv, vdeps);
+        vdlv.store(s_dlv + k, w);
+        vdeps.store(s_deps + k, w);
       }
+      if (output_mask[0]) store_chunk(dlv.data_ptr<scalar_t>() + i * span.cols, j, n, s_dlv);
+      if (output_mask[1]) store_chunk(deps.data_ptr<scalar_t>() + i * span.cols, j, n, s_deps);
     });
   });
   return {dlv, deps};
