@@ -202,8 +202,8 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_has_exactly_two_setup_commands():
-    assert readme_commands() == ["pip install . && fastelbo check",
-                                 "pip install -e '.[test]' && python -m pytest -q"]
+    assert readme_commands() == ["pip install '.[demo]' && fastelbo demo",
+                                 "pip install -e '.[test,demo]' && python -m pytest -q"]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
