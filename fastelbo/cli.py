@@ -12,6 +12,7 @@ COMMANDS = {
     "check": ("fastelbo.commands.check", "build the kernels and check every available backend against the reference"),
     "build": ("fastelbo.commands.build", "prebuild the C++ kernels into the cache"),
     "info": ("fastelbo.commands.info", "versions, available backends and why not, build cache location"),
+    "demo": ("fastelbo.commands.demo", "train a small VAE on the digits with fastelbo and with the reference; compare"),
 }
 
 
