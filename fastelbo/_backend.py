@@ -9,6 +9,12 @@
   "auto"      FASTELBO_BACKEND if set, else the fastest backend available for
               the tensors' device, else the reference with a warning
 
+Test-only, not in fastelbo._config.BACKENDS, never picked by "auto": with
+FASTELBO_TEST_CUDA_EMULATED=1 (tests/conftest.py sets it)
+  "cuda-emulated"  the CUDA kernels of csrc/cuda on CPU tensors, compiled as
+              host C++ against the CUDA emulation of csrc/emu (fastelbo._emulated);
+              unavailable is an error, never a fallback to the reference
+
 A backend whose kernels cannot be built falls back to the reference with a
 warning saying why and what to install; FASTELBO_STRICT=1 makes that an error.
 Asking for a backend on a device it does not run on is always an error, and so
@@ -24,7 +30,7 @@ import warnings
 import torch
 
 from . import _build, reference
-from ._config import BACKENDS, env_backend, strict_mode
+from ._config import BACKENDS, CUDA_EMULATED, CUDA_EMULATED_ENV, cuda_emulated_enabled, env_backend, strict_mode
 from ._ops import ops as _torch_ops
 
 
@@ -41,6 +47,11 @@ _warned: set[str] = set()
 
 
 def _check_name(backend) -> str:
+    if backend == CUDA_EMULATED:
+        if not cuda_emulated_enabled():
+            raise ValueError(f"backend {CUDA_EMULATED!r} is a test-only backend (the CUDA kernels on a CPU emulation "
+                             f"of the GPU); set {CUDA_EMULATED_ENV}=1 to use it")
+        return backend
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
     return backend
@@ -73,7 +84,24 @@ def available(name: str, device_type: str) -> tuple[bool, str]:
         return _triton_status(device_type)
     if name == "cuda":
         return _cuda_status(device_type)
+    if name == CUDA_EMULATED:
+        return _emulated_status(device_type)
     raise ValueError(f"unknown backend {name!r}")
+
+
+def _emulated_status(device_type: str) -> tuple[bool, str]:
+    """The test-only emulated CUDA kernels run on CPU tensors when switched on and built."""
+    if not cuda_emulated_enabled():
+        return False, f"test-only backend: set {CUDA_EMULATED_ENV}=1"
+    if device_type != "cpu":
+        return False, f"backend {CUDA_EMULATED!r} runs on CPU tensors, not {device_type}"
+    from . import _emulated
+
+    try:
+        _emulated.load()
+    except _build.BuildError as e:
+        return False, str(e)
+    return True, ""
 
 
 def _cuda_status(device_type: str) -> tuple[bool, str]:
@@ -160,6 +188,13 @@ def resolve(backend: str, device_type: str) -> str:
             raise RuntimeError(f"fastelbo backend 'triton' cannot run {device_type} tensors here: {why}. "
                                f"Use {instead} instead.")
         return name
+    elif name == CUDA_EMULATED:
+        if device_type != "cpu":
+            raise ValueError(f"backend={CUDA_EMULATED!r} runs on CPU tensors; got {device_type} tensors")
+        ok, why = available(name, device_type)
+        if not ok:  # a test-only backend never falls back: the tests would pass on the reference
+            raise RuntimeError(f"fastelbo backend {CUDA_EMULATED!r} is unavailable: {why}")
+        return name
     if name == "cpu" and device_type != "cpu":
         raise ValueError(f"backend='cpu' runs on CPU tensors; got {device_type} tensors "
                          "(use backend='auto' or 'reference')")
@@ -171,10 +206,15 @@ def resolve(backend: str, device_type: str) -> str:
 
 
 def impl(backend: str, device: torch.device):
-    """The op namespace of the chosen backend: torch.ops.fastelbo, fastelbo.kernels.OPS or reference.OPS."""
+    """The op namespace of the chosen backend: torch.ops.fastelbo, fastelbo.kernels.OPS, reference.OPS or (tests)
+    fastelbo._emulated.OPS."""
     name = resolve(backend, device.type)
     if name == "reference":
         return reference.OPS
     if name == "triton":
         return _triton_ops  # loaded by resolve(), outside any traced graph
+    if name == CUDA_EMULATED:
+        from . import _emulated
+
+        return _emulated.OPS  # loaded by resolve()
     return _torch_ops

@@ -6,9 +6,21 @@ import os
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
+# Test-only backends: accepted as backend= only when their switch is on, never
+# chosen by "auto", not in BACKENDS (the documented list).
+CUDA_EMULATED = "cuda-emulated"
+CUDA_EMULATED_ENV = "FASTELBO_TEST_CUDA_EMULATED"
+
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cuda_emulated_enabled() -> bool:
+    """FASTELBO_TEST_CUDA_EMULATED=1 (the test suite sets it): the "cuda-emulated" backend exists, i.e. the
+    CUDA kernels of csrc/cuda run on CPU tensors through the CPU emulation of csrc/emu. For tests only:
+    slow, and it proves the kernels' logic, not their speed or behaviour on a GPU."""
+    return _flag(CUDA_EMULATED_ENV)
 
 
 def strict_mode() -> bool:

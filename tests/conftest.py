@@ -1,7 +1,9 @@
 """Test configuration shared by every test file.
 
 The Triton backend runs on CPU tensors under TRITON_INTERPRET=1 when there is
-no GPU: set it before anything imports triton (i.e. before fastelbo).
+no GPU: set it before anything imports triton (i.e. before fastelbo). The CUDA
+kernels run on CPU tensors as the test-only "cuda-emulated" backend
+(FASTELBO_TEST_CUDA_EMULATED=1, csrc/emu).
 """
 
 import os
@@ -11,6 +13,9 @@ import torch  # importing torch does not import triton; fastelbo (via torch._dyn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The test-only "cuda-emulated" backend: the CUDA kernels of csrc/cuda on CPU tensors through the CUDA
+# emulation of csrc/emu, a fused backend of every parametrized test (=0 turns it into a skip).
+os.environ.setdefault("FASTELBO_TEST_CUDA_EMULATED", "1")
 
 import fastelbo  # noqa: E402,F401  (registers the ops)
 from helpers import FUSED_BACKENDS, Backend  # noqa: E402  (asks every backend whether it runs: builds the C++ kernels)

@@ -81,10 +81,12 @@ def backend_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         return "cuda"
+    if name == "cuda-emulated":  # test-only: the CUDA kernels on the CPU emulation of csrc/emu (conftest.py)
+        return "cpu"
     raise ValueError(name)
 
 
-FUSED = ("cpu", "triton", "cuda")
+FUSED = ("cpu", "triton", "cuda", "cuda-emulated")
 
 
 def fused_backend_params():
@@ -123,6 +125,11 @@ def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         base = torch.full((rows, cols + 5), float("nan"), dtype=t.dtype, device=t.device)
         base[:, 2:cols + 2] = t
         return base[:, 2:cols + 2]
+    if layout == "offset1":  # dense rows, one element past a 16-byte boundary: no vector loads
+        base = torch.full((rows * cols + 1,), float("nan"), dtype=t.dtype, device=t.device)
+        out = base[1:].view(rows, cols)
+        out.copy_(t)
+        return out
     if layout == "stride2":  # every other column
         base = torch.full((rows, 2 * cols), float("nan"), dtype=t.dtype, device=t.device)
         base[:, ::2] = t

@@ -128,3 +128,44 @@ def test_env_backend_read_at_call_time(monkeypatch, spy):
     monkeypatch.setenv("FASTELBO_BACKEND", "REFERENCE ")  # case and spaces forgiven
     F.gaussian_kl(mu, lv)
     assert spy.calls == ["gaussian_kl", "gaussian_kl"]
+
+
+# ---------------------------------------------------------------------------
+# The test-only "cuda-emulated" backend (fastelbo._emulated): never a user's choice by accident.
+# ---------------------------------------------------------------------------
+def test_cuda_emulated_is_hidden_from_users(monkeypatch):
+    from fastelbo._config import BACKENDS
+
+    assert "cuda-emulated" not in BACKENDS  # the documented list
+    _, _, mu, lv = _inputs()
+    monkeypatch.setenv("FASTELBO_TEST_CUDA_EMULATED", "1")
+    monkeypatch.delenv("FASTELBO_BACKEND", raising=False)
+    assert _backend.resolve("auto", "cpu") != "cuda-emulated"  # auto never picks it
+    monkeypatch.setenv("FASTELBO_BACKEND", "cuda-emulated")
+    with pytest.raises(ValueError, match="FASTELBO_BACKEND"):  # nor does the environment's auto
+        F.gaussian_kl(mu, lv)
+    monkeypatch.delenv("FASTELBO_BACKEND")
+    monkeypatch.setenv("FASTELBO_TEST_CUDA_EMULATED", "0")
+    with pytest.raises(ValueError, match=r"test-only.*FASTELBO_TEST_CUDA_EMULATED=1"):
+        F.gaussian_kl(mu, lv, backend="cuda-emulated")
+    ok, why = _backend.available("cuda-emulated", "cpu")
+    assert not ok and "FASTELBO_TEST_CUDA_EMULATED" in why
+
+
+def test_cuda_emulated_runs_cpu_tensors_and_never_falls_back(monkeypatch, spy):
+    from fastelbo import _emulated
+
+    monkeypatch.setenv("FASTELBO_TEST_CUDA_EMULATED", "1")
+    assert not _backend.available("cuda-emulated", "cuda")[0]
+    with pytest.raises(ValueError, match="CPU tensors"):
+        _backend.resolve("cuda-emulated", "cuda")
+
+    def broken():
+        raise _build.BuildError("simulated: the emulated kernels failed to build")
+
+    monkeypatch.setattr(_emulated, "load", broken)
+    monkeypatch.delenv("FASTELBO_STRICT", raising=False)
+    _, _, mu, lv = _inputs()
+    with pytest.raises(RuntimeError, match="cuda-emulated.*simulated"):  # the reference would pass every test
+        F.gaussian_kl(mu, lv, backend="cuda-emulated")
+    assert spy.calls == []

@@ -3,9 +3,10 @@
 Every csrc/cuda/*.cu is compiled by nvcc for sm_80 (A100) and sm_90 (H100) with
 `-Xptxas -v`; ptxas' report is parsed and every kernel must have zero spill
 stores and loads. The registers per kernel are printed (pytest -s, or -rA)
-as a table. Also checked: the sources keep to the CUDA subset a CPU emulation
-of the kernels can compile (issue 8): no torch header in the kernels, no
-`<<<...>>>` outside the one launch macro.
+as a table. Also checked: the sources keep to the CUDA subset of
+csrc/cuda/SUBSET.md that the CPU emulation of csrc/emu compiles (issue 8): no
+torch header in the kernels, no `<<<...>>>` outside the one launch macro, only
+the keywords, intrinsics and atomics the emulation provides.
 
 Skipped with the reason when nvcc is absent. The full extension (binding.cpp +
 kernels, linked against the CUDA build of torch) is checked by
@@ -160,6 +161,13 @@ ptxas info    : Used 7 registers, used 1 barriers
 # ---------------------------------------------------------------------------
 KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu")) + sorted(CUDA_DIR.glob("*.h"))
 
+# The keywords and intrinsics of the subset (csrc/cuda/SUBSET.md), all defined by csrc/emu/cuda_emu.h.
+SUBSET_KEYWORDS = ("__global__", "__device__", "__host__", "__forceinline__", "__shared__", "__launch_bounds__",
+                   "__align__", "__restrict__", "__syncthreads", "__shfl_xor_sync", "__shfl_down_sync")
+# Used by device.h only inside #if defined(__CUDA_ARCH__) (the emulation takes the host branch).
+DEVICE_ONLY_INTRINSICS = ("__half2float", "__ushort_as_half", "__half_as_ushort", "__float2half_rn",
+                          "__bfloat162float", "__ushort_as_bfloat16", "__bfloat16_as_ushort", "__float2bfloat16_rn")
+
 
 def _code(path: Path) -> str:
     """The source without comments and string literals."""
@@ -184,5 +192,17 @@ def test_kernels_keep_to_the_cuda_subset(path):
         if path.name != "device.h":
             assert raw not in code, f"{path.name} uses {raw} directly: use the FASTELBO_* macro of device.h"
     for banned in ("__ldg", "asm(", "asm volatile", "cooperative_groups", "__shfl_sync", "__ballot", "atomicCAS",
-                   "blockIdx.y", "blockIdx.z", "threadIdx.y", "threadIdx.z", "cudaMalloc", "__nanosleep"):
+                   "blockIdx.y", "blockIdx.z", "threadIdx.y", "threadIdx.z", "blockDim.y", "blockDim.z", "gridDim.y",
+                   "gridDim.z", "cudaMalloc", "__nanosleep", "__constant__", "__managed__"):
         assert banned not in code, f"{path.name} uses {banned!r}, outside the documented CUDA subset"
+    # Every CUDA keyword and intrinsic (lower-case __name) is one the emulation (csrc/emu/cuda_emu.h) provides;
+    # device.h alone may also use the float16/bfloat16 conversion instructions, under __CUDA_ARCH__.
+    allowed = set(SUBSET_KEYWORDS) | (set(DEVICE_ONLY_INTRINSICS) if path.name == "device.h" else set())
+    unknown = sorted(set(re.findall(r"\b__[a-z]\w*", code)) - allowed)
+    assert not unknown, (f"{path.name} uses {unknown}, outside the documented CUDA subset (csrc/cuda/SUBSET.md); "
+                         "the emulation of csrc/emu could not compile it")
+    atomics = sorted(set(re.findall(r"\batomic[A-Z]\w*", code)) - {"atomicAdd"})
+    assert not atomics, f"{path.name} uses {atomics}: atomicAdd is the subset's only atomic"
+    if path.name != "device.h":
+        assert not re.search(r"\bextern\s+__shared__", code), \
+            f"{path.name} declares extern __shared__: dynamic shared memory only through FASTELBO_DYNAMIC_SHARED"

@@ -51,7 +51,7 @@ def _autocast_inputs(device, dtype, likelihood):
 
 
 def _skip_without_autocast_rule(fused):
-    op = "fastelbo::triton_elbo" if fused.name == "triton" else "fastelbo::elbo"
+    op = {"triton": "fastelbo::triton_elbo", "cuda-emulated": "fastelbo::emu_elbo"}.get(fused.name, "fastelbo::elbo")
     key = "Autocast" + ("CUDA" if fused.device == "cuda" else "CPU")
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
         pytest.xfail(f"{op} has no {key} rule: its backend must call fastelbo._autocast.register() for each of "

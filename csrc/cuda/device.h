@@ -1,16 +1,19 @@
 // device.h: the pieces every CUDA kernel of fastelbo is built from, on raw
 // pointers and without torch headers.
 //
-// The kernels stick to a small CUDA subset so that the same sources can later
-// be compiled as host C++ against an emulation of the execution model (issue 8):
+// The kernels stick to a small CUDA subset (SUBSET.md) so that the same sources
+// also compile as host C++ against the CUDA emulation of ../emu (the test-only
+// "cuda-emulated" backend):
 //   blockIdx/blockDim/threadIdx/gridDim (x only: every grid is 1-D),
-//   __syncthreads, static __shared__ arrays, full-mask __shfl_xor_sync,
+//   __syncthreads, static __shared__ arrays, dynamic shared memory only through
+//   FASTELBO_DYNAMIC_SHARED, full-mask warp shuffles, atomicAdd,
 //   128-bit loads/stores only in load_chunk/store_chunk below,
 //   every formula from ../fastelbo_math.h (float/double Math<V>),
 //   every launch through FASTELBO_LAUNCH (no <<<...>>> anywhere else),
 //   __launch_bounds__ only through FASTELBO_BOUNDS.
-// An emulation defines FASTELBO_LAUNCH, FASTELBO_BOUNDS, FASTELBO_GLOBAL,
-// FASTELBO_DEVICE, FASTELBO_SHFL_XOR and FASTELBO_SYNC before including this file.
+// The emulation (../emu/cuda_emu.h) defines FASTELBO_LAUNCH, FASTELBO_BOUNDS,
+// FASTELBO_GLOBAL, FASTELBO_DEVICE, FASTELBO_SHFL_XOR, FASTELBO_SYNC and
+// FASTELBO_DYNAMIC_SHARED before this file is included; nvcc gets them here.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +36,10 @@
 #define FASTELBO_DEVICE __device__ __forceinline__
 #define FASTELBO_SHFL_XOR(v, lane_mask) __shfl_xor_sync(0xffffffffu, (v), (lane_mask))
 #define FASTELBO_SYNC() __syncthreads()
+// The launch's dynamic shared memory (its smem bytes) as a T*, 16-byte aligned.
+#define FASTELBO_DYNAMIC_SHARED(T, name)                                   \
+  extern __shared__ __align__(16) unsigned char fastelbo_dynamic_smem_[]; \
+  T* name = reinterpret_cast<T*>(fastelbo_dynamic_smem_)
 #endif
 
 namespace fastelbo {
