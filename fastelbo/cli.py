@@ -12,6 +12,7 @@ COMMANDS = {
     "check": ("fastelbo.commands.check", "build the kernels and check every available backend against the reference"),
     "build": ("fastelbo.commands.build", "prebuild the C++ kernels into the cache"),
     "info": ("fastelbo.commands.info", "versions, available backends and why not, build cache location"),
+    "bench": ("fastelbo.commands.bench", "benchmark every op against eager and torch.compile; compare with a baseline"),
     "demo": ("fastelbo.commands.demo", "train a small VAE on the digits with fastelbo and with the reference; compare"),
 }
 
