@@ -40,6 +40,31 @@ inline void check_prior(const std::optional<at::Tensor>& pmu, const std::optiona
               "fastelbo: prior_mu and prior_logvar must be given together (the Python API fills a missing one)");
 }
 
+// The arguments of the KL ops (broadcast priors arrive expanded to mu's shape).
+inline void check_kl_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
+                          const std::optional<at::Tensor>& prior_logvar) {
+  check_like(mu, "mu", logvar, "logvar");
+  check_like(mu, "mu", prior_mu, "prior_mu");
+  check_like(mu, "mu", prior_logvar, "prior_logvar");
+  check_prior(prior_mu, prior_logvar);
+}
+
+// The arguments of the fused ELBO ops, whatever the device.
+inline void check_elbo_shapes(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                              const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                              const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+                              bool gaussian) {
+  check_like(recon, "recon", x, "x");
+  check_like(recon, "recon", obs_logvar, "obs_logvar");
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
+  TORCH_CHECK(mu.size(0) == recon.size(0), "fastelbo: mu must have the batch size of recon (", recon.size(0),
+              "), got ", mu.size(0));
+  TORCH_CHECK(mu.scalar_type() == recon.scalar_type(), "fastelbo: mu must have dtype ", recon.scalar_type(), ", got ",
+              mu.scalar_type());
+  TORCH_CHECK(!gaussian || obs_logvar.has_value(),
+              "fastelbo: the gaussian likelihood needs obs_logvar (the Python API fills 0)");
+}
+
 // Result of a gradient the caller did not ask for.
 inline at::Tensor grad_or_empty(bool wanted, const at::Tensor& like) {
   const auto opts = like.options().memory_format(at::MemoryFormat::Contiguous);

@@ -12,27 +12,6 @@
 
 namespace fastelbo {
 namespace cpu {
-namespace {
-
-void check_elbo_args(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
-                     const std::optional<at::Tensor>& obs_logvar, const std::optional<at::Tensor>& prior_mu,
-                     const std::optional<at::Tensor>& prior_logvar, Likelihood kind) {
-  check_like(recon, "recon", x, "x");
-  check_like(recon, "recon", obs_logvar, "obs_logvar");
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
-  TORCH_CHECK(mu.size(0) == recon.size(0), "fastelbo: mu must have the batch size of recon (", recon.size(0),
-              "), got ", mu.size(0));
-  TORCH_CHECK(mu.scalar_type() == recon.scalar_type(), "fastelbo: mu must have dtype ", recon.scalar_type(), ", got ",
-              mu.scalar_type());
-  TORCH_CHECK(kind != Likelihood::kGaussian || obs_logvar.has_value(),
-              "fastelbo: the gaussian likelihood needs obs_logvar (the Python API fills 0)");
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_cpu(const at::Tensor& x, const at::Tensor& recon,
                                                         const at::Tensor& mu, const at::Tensor& logvar,
                                                         const std::optional<at::Tensor>& obs_logvar,
@@ -41,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_cpu(const at::Tensor& x, con
                                                         c10::string_view likelihood, double beta,
                                                         bool validate_x) {
   const Likelihood kind = parse_likelihood(likelihood);
-  check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind);
+  check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
   auto elbo = row_result(recon), ll = row_result(recon), kl = row_result(recon);
   std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_elbo_cpu", [&] {
@@ -71,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& prior_logvar, c10::string_view likelihood, double beta,
     std::array<bool, 7> output_mask) {
   const Likelihood kind = parse_likelihood(likelihood);
-  check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind);
+  check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
   check_row_grad(grad_elbo, "grad_elbo", recon);
   check_row_grad(grad_loglik, "grad_loglik", recon);
   check_row_grad(grad_kl, "grad_kl", recon);

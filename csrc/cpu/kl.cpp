@@ -10,10 +10,7 @@ namespace cpu {
 
 at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                            const std::optional<at::Tensor>& prior_logvar) {
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
   auto kl = row_result(mu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_cpu", [&] {
     const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
@@ -28,10 +25,7 @@ at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cpu(
     const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
     const std::optional<at::Tensor>& prior_logvar, std::array<bool, 4> output_mask) {
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
   const bool has_prior = prior_mu.has_value();
   std::array<at::Tensor, 4> d = {grad_or_empty(output_mask[0], mu), grad_or_empty(output_mask[1], mu),

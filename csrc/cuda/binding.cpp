@@ -23,8 +23,9 @@ namespace cuda {
 namespace {
 
 using cpu::check_2d;
+using cpu::check_elbo_shapes;
+using cpu::check_kl_args;
 using cpu::check_like;
-using cpu::check_prior;
 using cpu::check_row_grad;
 using cpu::grad_or_empty;
 
@@ -185,10 +186,7 @@ at::Tensor philox_noise_cuda(const at::Tensor& seed, int64_t n, bool normal, at:
 // ---------------------------------------------------------------------------
 at::Tensor gaussian_kl_cuda(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                             const std::optional<at::Tensor>& prior_logvar) {
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
   const std::optional<at::Tensor> lv(logvar);
   check_device(mu, "mu", {{&lv, "logvar"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
   const c10::cuda::CUDAGuard guard(mu.device());
@@ -206,10 +204,7 @@ at::Tensor gaussian_kl_cuda(const at::Tensor& mu, const at::Tensor& logvar, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cuda(
     const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
     const std::optional<at::Tensor>& prior_logvar, std::array<bool, 4> output_mask) {
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
   const std::optional<at::Tensor> lv(logvar), g(grad);
   check_device(mu, "mu", {{&lv, "logvar"}, {&g, "grad"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
@@ -312,18 +307,7 @@ namespace {
 void check_elbo_args(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
                      const std::optional<at::Tensor>& obs_logvar, const std::optional<at::Tensor>& prior_mu,
                      const std::optional<at::Tensor>& prior_logvar, Likelihood kind) {
-  check_like(recon, "recon", x, "x");
-  check_like(recon, "recon", obs_logvar, "obs_logvar");
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
-  TORCH_CHECK(mu.size(0) == recon.size(0), "fastelbo: mu must have the batch size of recon (", recon.size(0),
-              "), got ", mu.size(0));
-  TORCH_CHECK(mu.scalar_type() == recon.scalar_type(), "fastelbo: mu must have dtype ", recon.scalar_type(), ", got ",
-              mu.scalar_type());
-  TORCH_CHECK(kind != Likelihood::kGaussian || obs_logvar.has_value(),
-              "fastelbo: the gaussian likelihood needs obs_logvar (the Python API fills 0)");
+  check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
   const std::optional<at::Tensor> xx(x), m(mu), lv(logvar);
   check_device(recon, "recon",
                {{&xx, "x"}, {&m, "mu"}, {&lv, "logvar"}, {&obs_logvar, "obs_logvar"}, {&prior_mu, "prior_mu"},

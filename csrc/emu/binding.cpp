@@ -26,8 +26,9 @@ namespace fastelbo {
 namespace emu {
 namespace {
 
+using cpu::check_elbo_shapes;
+using cpu::check_kl_args;
 using cpu::check_like;
-using cpu::check_prior;
 using cpu::check_row_grad;
 using cpu::grad_or_empty;
 using cuda::DType;
@@ -157,10 +158,7 @@ at::Tensor philox_noise(const at::Tensor& seed, int64_t n, bool normal, at::Scal
 // ---------------------------------------------------------------------------
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                        const std::optional<at::Tensor>& prior_logvar) {
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
   const std::optional<at::Tensor> lv(logvar);
   check_cpu(mu, "mu", {{&lv, "logvar"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
   auto kl = row_result(mu);
@@ -176,10 +174,7 @@ at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const std
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
     const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
     const std::optional<at::Tensor>& prior_logvar, std::array<bool, 4> output_mask) {
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
   const std::optional<at::Tensor> lv(logvar), g(grad);
   check_cpu(mu, "mu", {{&lv, "logvar"}, {&g, "grad"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
@@ -268,18 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(const 
 void check_elbo_args(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
                      const std::optional<at::Tensor>& obs_logvar, const std::optional<at::Tensor>& prior_mu,
                      const std::optional<at::Tensor>& prior_logvar, Likelihood kind) {
-  check_like(recon, "recon", x, "x");
-  check_like(recon, "recon", obs_logvar, "obs_logvar");
-  check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", prior_mu, "prior_mu");
-  check_like(mu, "mu", prior_logvar, "prior_logvar");
-  check_prior(prior_mu, prior_logvar);
-  TORCH_CHECK(mu.size(0) == recon.size(0), "fastelbo: mu must have the batch size of recon (", recon.size(0),
-              "), got ", mu.size(0));
-  TORCH_CHECK(mu.scalar_type() == recon.scalar_type(), "fastelbo: mu must have dtype ", recon.scalar_type(), ", got ",
-              mu.scalar_type());
-  TORCH_CHECK(kind != Likelihood::kGaussian || obs_logvar.has_value(),
-              "fastelbo: the gaussian likelihood needs obs_logvar (the Python API fills 0)");
+  check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
   const std::optional<at::Tensor> xx(x), m(mu), lv(logvar);
   check_cpu(recon, "recon",
             {{&xx, "x"}, {&m, "mu"}, {&lv, "logvar"}, {&obs_logvar, "obs_logvar"}, {&prior_mu, "prior_mu"},
