@@ -31,7 +31,7 @@ import torch
 from . import _ops  # noqa: F401  (the ops must be defined first)
 
 #: The forward ops that take floating-point tensors (philox_noise takes only the seed).
-FORWARD_OPS = ("rsample", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo")
+FORWARD_OPS = _ops.FAMILIES
 
 #: The dtypes autocast mixes; fastelbo accepts a mix of these inside autocast.
 AUTOCAST_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})

@@ -25,7 +25,7 @@ import torch
 from . import _autocast, _build, _ops
 
 PREFIX = "emu_"
-FAMILIES = ("rsample", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo")
+FAMILIES = _ops.FAMILIES
 OP_NAMES = tuple(_ops._SCHEMAS)  # every fastelbo:: op, philox_noise included
 
 _lock = threading.Lock()

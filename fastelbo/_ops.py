@@ -11,6 +11,33 @@ kernels' internals. Backward ops take a ``bool[n] output_mask`` (as ATen's
 native backward functions do) and return an empty tensor for a gradient
 that was not asked for. ``validate_x`` asks the Bernoulli forward to check
 x in [0, 1] in the pass that reads x anyway (ValueError naming x).
+
+The op-level shape contract (the Python API normalizes to it; kernels check it):
+
+  rsample           mu, logvar [B, Dz]; num_samples = 0: z [B, Dz]; K >= 1: z [K, B, Dz],
+                    z[k, b, j] = mu[b, j] + e^(lv[b, j] / 2) * eps[k, b, j], eps of logical
+                    element n = (k * B + b) * Dz + j (DESIGN §2); eps, when given, has z's shape.
+  rsample_backward  grad_z [B, Dz] or [K, B, Dz] (K from its rank); dlogvar [B, Dz] summed
+                    over k; deps of grad_z's shape (dmu = grad_z summed over k, in the glue).
+  obs_logvar / gaussian_log_prob's logvar
+                    [1, Dx] (one per feature, e.g. a learned parameter: its gradient is
+                    reduced over rows and samples INSIDE the backward, no [B, Dx] temporary)
+                    or [B, Dx] (per row; reduced over samples); any strides.
+  elbo              recon [B, Dx] or [K, B, Dx] (x [B, Dx] shared by the K samples): the
+                    log-likelihood is the average over k per row; KL is analytic.
+  iwae_bound        x [B, Dx], recon [K, B, Dx], z [K, B, Dz], mu, logvar [B, Dz]. Returns
+                    bound [B] (input dtype) and log_weights [K, B] in the accumulation dtype
+                    (float32, float64 for float64: a bfloat16 sum over Dx is 2-4 nats coarse),
+                    log w[k, b] = log p(x_b | recon_kb) + log N(z_kb | prior) - log N(z_kb | mu_b, e^lv_b),
+                    bound[b] = logsumexp_k log w[k, b] - log K. Its backward takes
+                    grad_log_weights [K, B] (accumulation dtype) = dL/dlog w, which the glue
+                    forms from the saved log_weights: softmax_k(log w) * grad_bound (+ the
+                    upstream gradient of log_weights itself).
+  free_bits_kl      mu, logvar [B, Dz] (priors as gaussian_kl). Returns kl [B] (input dtype) and
+                    kl_dims [Dz] (accumulation dtype) = batch-mean KL per latent dimension;
+                    kl[b] = sum_j (kl_dims[j] >= free_bits ? KL[b, j] : free_bits), so that
+                    mean_b kl[b] = sum_j max(free_bits, kl_dims[j]) (Kingma et al. 2016).
+                    Backward: dX[b, j] = grad[b] * [kl_dims[j] >= free_bits] * dKL[b, j]/dX.
 """
 
 from __future__ import annotations
@@ -20,7 +47,7 @@ import torch
 LIB = torch.library.Library("fastelbo", "DEF")
 
 _SCHEMAS = {
-    "rsample": "(Tensor mu, Tensor logvar, Tensor seed, Tensor? eps) -> Tensor",
+    "rsample": "(Tensor mu, Tensor logvar, Tensor seed, Tensor? eps, int num_samples=0) -> Tensor",
     "rsample_backward": "(Tensor grad_z, Tensor logvar, Tensor seed, Tensor? eps, bool[2] output_mask)"
     " -> (Tensor, Tensor)",
     "philox_noise": "(Tensor seed, int n, bool normal, ScalarType dtype) -> Tensor",
@@ -37,6 +64,15 @@ _SCHEMAS = {
     "elbo_backward": "(Tensor? grad_elbo, Tensor? grad_loglik, Tensor? grad_kl, Tensor x, Tensor recon, Tensor mu,"
     " Tensor logvar, Tensor? obs_logvar, Tensor? prior_mu, Tensor? prior_logvar, str likelihood, float beta,"
     " bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "iwae_bound": "(Tensor x, Tensor recon, Tensor z, Tensor mu, Tensor logvar, Tensor? obs_logvar, Tensor? prior_mu,"
+    " Tensor? prior_logvar, str likelihood, bool validate_x=False) -> (Tensor, Tensor)",
+    "iwae_bound_backward": "(Tensor grad_log_weights, Tensor x, Tensor recon, Tensor z, Tensor mu, Tensor logvar,"
+    " Tensor? obs_logvar, Tensor? prior_mu, Tensor? prior_logvar, str likelihood, bool[8] output_mask)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "free_bits_kl": "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, float free_bits)"
+    " -> (Tensor, Tensor)",
+    "free_bits_kl_backward": "(Tensor grad, Tensor kl_dims, Tensor mu, Tensor logvar, Tensor? prior_mu,"
+    " Tensor? prior_logvar, float free_bits, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -56,14 +92,24 @@ def _rows(like):
     return like.new_empty(like.shape[0])
 
 
+def _acc(dtype):
+    """The accumulation dtype of a floating dtype (DESIGN §1): float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _like_or_empty(wanted, like):
+    return like.new_empty(like.shape) if wanted else like.new_empty(0)
+
+
 @torch.library.register_fake("fastelbo::rsample")
-def _(mu, logvar, seed, eps):
-    return mu.new_empty(mu.shape)
+def _(mu, logvar, seed, eps, num_samples=0):
+    torch._check(num_samples >= 0, lambda: f"num_samples must be >= 0, got {num_samples}")
+    return mu.new_empty(((num_samples,) if num_samples > 0 else ()) + tuple(mu.shape))
 
 
 @torch.library.register_fake("fastelbo::rsample_backward")
 def _(grad_z, logvar, seed, eps, output_mask):
-    return _grads((output_mask[0], output_mask[1]), logvar)
+    return _like_or_empty(output_mask[0], logvar), _like_or_empty(output_mask[1], grad_z)
 
 
 @torch.library.register_fake("fastelbo::philox_noise")
@@ -100,13 +146,13 @@ def _(mean, x, logvar):
 
 @torch.library.register_fake("fastelbo::gaussian_log_prob_backward")
 def _(grad, mean, x, logvar, output_mask):
-    return _grads(output_mask, mean)
+    return tuple(_like_or_empty(w, like) for w, like in zip(output_mask, (mean, mean, logvar)))
 
 
 @torch.library.register_fake("fastelbo::elbo")
 def _(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x=False):
-    torch._check(mu.shape[0] == recon.shape[0], lambda: "mu and recon must have the same batch size")
-    return _rows(recon), _rows(recon), _rows(recon)
+    torch._check(mu.shape[0] == x.shape[0], lambda: "mu and x must have the same batch size")
+    return _rows(x), _rows(x), _rows(x)
 
 
 @torch.library.register_fake("fastelbo::elbo_backward")
@@ -115,10 +161,35 @@ def _(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_m
     gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
     mask = [output_mask[0], output_mask[1], output_mask[2], output_mask[3], output_mask[4] and gaussian,
             output_mask[5] and has_prior, output_mask[6] and has_prior]
-    return tuple(
-        (like.new_empty(like.shape) if wanted else like.new_empty(0))
-        for wanted, like in zip(mask, (x, recon, mu, mu, recon, mu, mu))
-    )
+    likes = (x, recon, mu, mu, obs_logvar if gaussian else recon, mu, mu)
+    return tuple(_like_or_empty(wanted, like) for wanted, like in zip(mask, likes))
+
+
+@torch.library.register_fake("fastelbo::iwae_bound")
+def _(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
+    torch._check(recon.dim() == 3 and z.dim() == 3, lambda: "recon and z must be [K, B, D]")
+    return x.new_empty(x.shape[0], dtype=recon.dtype), x.new_empty(recon.shape[:2], dtype=_acc(recon.dtype))
+
+
+@torch.library.register_fake("fastelbo::iwae_bound_backward")
+def _(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, output_mask):
+    gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
+    mask = list(output_mask[:5]) + [output_mask[5] and gaussian, output_mask[6] and has_prior,
+                                    output_mask[7] and has_prior]
+    likes = (x, recon, z, mu, mu, obs_logvar if gaussian else x, mu, mu)
+    return tuple(_like_or_empty(wanted, like) for wanted, like in zip(mask, likes))
+
+
+@torch.library.register_fake("fastelbo::free_bits_kl")
+def _(mu, logvar, prior_mu, prior_logvar, free_bits):
+    return _rows(mu), mu.new_empty(mu.shape[1], dtype=_acc(mu.dtype))
+
+
+@torch.library.register_fake("fastelbo::free_bits_kl_backward")
+def _(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, output_mask):
+    has_prior = prior_mu is not None
+    mask = (output_mask[0], output_mask[1], output_mask[2] and has_prior, output_mask[3] and has_prior)
+    return _grads(mask, mu)
 
 
 # ---------------------------------------------------------------------------
@@ -143,7 +214,7 @@ def _saved(ctx):
 
 
 def _rsample_setup(ctx, inputs, output):
-    mu, logvar, seed, eps = inputs
+    mu, logvar, seed, eps, _ = inputs
     # Backward needs logvar and the seed (or the caller's eps); never mu, never z.
     needed = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
     ctx.save_for_backward(*((logvar, seed, eps) if needed else (None, None, None)))
@@ -152,11 +223,14 @@ def _rsample_setup(ctx, inputs, output):
 def _rsample_backward(rsample_backward):
     def backward(ctx, grad_z):
         logvar, seed, eps = ctx.saved_tensors
-        need_mu, need_lv, _, need_eps = ctx.needs_input_grad
+        need_mu, need_lv, _, need_eps = ctx.needs_input_grad[:4]
         dlv = deps = None
         if need_lv or need_eps:
             dlv, deps = rsample_backward(grad_z, logvar, seed, eps, [need_lv, need_eps])
-        return grad_z if need_mu else None, dlv if need_lv else None, None, deps if need_eps else None
+        dmu = None
+        if need_mu:  # z[k] = mu + ...: the K samples' gradients add up
+            dmu = grad_z if grad_z.dim() == 2 else grad_z.sum(0)
+        return dmu, dlv if need_lv else None, None, deps if need_eps else None, None
 
     return backward
 
@@ -200,6 +274,44 @@ def _elbo_backward(elbo_backward):
     return backward
 
 
+def _iwae_setup(ctx, inputs, output):
+    # The [K, B] log-weights (an output, accumulation dtype) give the softmax weights of the backward.
+    _save_inputs(ctx, tuple(inputs) + (output[1],))
+
+
+def _iwae_backward(iwae_bound_backward):
+    def backward(ctx, grad_bound, grad_log_weights):
+        *inputs, log_weights = _saved(ctx)
+        x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, _ = inputs
+        # d bound[b] / d log w[k, b] = softmax_k(log w)[k, b]: formed on [K, B] in the accumulation dtype.
+        g = torch.zeros_like(log_weights)
+        if grad_bound is not None:
+            g = torch.softmax(log_weights, dim=0) * grad_bound.to(log_weights.dtype)
+        if grad_log_weights is not None:
+            g = g + grad_log_weights
+        mask = list(ctx.needs_input_grad[:8])
+        grads = iwae_bound_backward(g, x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, mask)
+        return _or_none(grads, mask) + (None, None)
+
+    return backward
+
+
+def _free_bits_setup(ctx, inputs, output):
+    # kl_dims (an output, [Dz]) decides which dimensions are above the floor; it is a statistic, not a loss term.
+    ctx.mark_non_differentiable(output[1])
+    _save_inputs(ctx, tuple(inputs) + (output[1],))
+
+
+def _free_bits_backward(free_bits_kl_backward):
+    def backward(ctx, grad, _grad_kl_dims):
+        mu, logvar, prior_mu, prior_logvar, free_bits, kl_dims = _saved(ctx)
+        mask = list(ctx.needs_input_grad[:4])
+        grads = free_bits_kl_backward(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, mask)
+        return _or_none(grads, mask) + (None,)
+
+    return backward
+
+
 # op family (the schema of fastelbo::<family>) -> (backward factory, setup_context)
 _AUTOGRAD = {
     "rsample": (_rsample_backward, _rsample_setup),
@@ -207,6 +319,8 @@ _AUTOGRAD = {
     "bernoulli_log_prob": (_bernoulli_backward, _save_inputs),
     "gaussian_log_prob": (_gaussian_backward, _save_inputs),
     "elbo": (_elbo_backward, _save_inputs),
+    "iwae_bound": (_iwae_backward, _iwae_setup),
+    "free_bits_kl": (_free_bits_backward, _free_bits_setup),
 }
 
 
@@ -216,6 +330,9 @@ def register_autograd(op: str, family: str, backward_op) -> None:
     make_backward, setup_context = _AUTOGRAD[family]
     torch.library.register_autograd(op, make_backward(backward_op), setup_context=setup_context)
 
+
+#: The forward op families; every backend registers fastelbo::<prefix><family> and its _backward.
+FAMILIES = tuple(_AUTOGRAD)
 
 for _family in _AUTOGRAD:
     register_autograd(f"fastelbo::{_family}", _family, getattr(ops, _family + "_backward"))

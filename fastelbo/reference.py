@@ -12,6 +12,7 @@ fastelbo._philox), so one seed gives the same z here as in every kernel.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,8 @@ from . import _philox
 from ._seed import seed_tensor
 from ._validate import unit_interval
 
-__all__ = ["ELBOTerms", "rsample", "standard_normal", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo"]
+__all__ = ["ELBOTerms", "rsample", "standard_normal", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo",
+           "iwae_log_weights", "iwae_bound", "free_bits_kl"]
 
 
 class ELBOTerms(NamedTuple):
@@ -44,24 +46,46 @@ def _std(logvar: torch.Tensor) -> torch.Tensor:
     return torch.exp(0.5 * logvar)
 
 
-def rsample(mu, logvar, *, generator=None, seed=None, eps=None) -> torch.Tensor:
-    """z = mu + exp(logvar / 2) * eps: Normal(mu, exp(logvar / 2)).rsample() with eps given."""
+def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None) -> torch.Tensor:
+    """z = mu + exp(logvar / 2) * eps: Normal(mu, exp(logvar / 2)).rsample() with eps given.
+
+    num_samples=K: z of shape [K, B, Dz], eps over the logical [K, B, Dz] index (DESIGN §2).
+    """
     q = Normal(mu, _std(logvar), validate_args=False)
+    shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
     if eps is None:
         s = seed_tensor(mu.device, generator, seed)
-        eps = standard_normal(s, mu.shape, dtype=mu.dtype, device=mu.device)
+        eps = standard_normal(s, shape, dtype=mu.dtype, device=mu.device)
     # Normal.rsample is loc + eps * scale with eps drawn inside; the noise here is fastelbo's.
     return q.loc + eps * q.scale
 
 
+def _prior_normal(prior_mu, prior_logvar, like) -> Normal:
+    """p(z): N(prior_mu, e^prior_logvar), a missing half standard (mean 0, log-variance 0)."""
+    pmu = torch.zeros_like(like) if prior_mu is None else torch.as_tensor(prior_mu, dtype=like.dtype, device=like.device)
+    plv = (torch.zeros_like(like) if prior_logvar is None
+           else torch.as_tensor(prior_logvar, dtype=like.dtype, device=like.device))
+    return Normal(pmu.expand_as(like), _std(plv).expand_as(like), validate_args=False)
+
+
+def _kl_elements(mu, logvar, prior_mu, prior_logvar) -> torch.Tensor:
+    """KL(q || p) per latent element, [B, Dz]."""
+    q = Normal(mu, _std(logvar), validate_args=False)
+    return kl_divergence(q, _prior_normal(prior_mu, prior_logvar, mu))
+
+
 def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None) -> torch.Tensor:
     """KL(N(mu, e^logvar) || prior) summed over the last dimension; prior N(0, I) when none."""
-    q = Normal(mu, _std(logvar), validate_args=False)
-    pmu = torch.zeros_like(mu) if prior_mu is None else torch.as_tensor(prior_mu, dtype=mu.dtype, device=mu.device)
-    plv = (torch.zeros_like(mu) if prior_logvar is None
-           else torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device))
-    p = Normal(pmu.expand_as(mu), _std(plv).expand_as(mu), validate_args=False)
-    return kl_divergence(q, p).sum(-1)
+    return _kl_elements(mu, logvar, prior_mu, prior_logvar).sum(-1)
+
+
+def free_bits_kl(mu, logvar, free_bits, prior_mu=None, prior_logvar=None) -> torch.Tensor:
+    """KL per row with free bits (Kingma et al. 2016): dimensions whose batch-mean KL is below
+    `free_bits` nats count as exactly `free_bits` (no gradient), so that the batch mean of the
+    result is sum_j max(free_bits, mean_b KL[b, j]) -- torch.clamp's rule, gradient included."""
+    kl = _kl_elements(mu, logvar, prior_mu, prior_logvar)
+    active = kl.mean(0) >= free_bits
+    return torch.where(active, kl, torch.full_like(kl, free_bits)).sum(-1)
 
 
 def bernoulli_log_prob(logits, x) -> torch.Tensor:
@@ -77,13 +101,43 @@ def gaussian_log_prob(mean, x, logvar=0.0) -> torch.Tensor:
 
 def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None, prior_logvar=None,
          beta=1.0) -> ELBOTerms:
-    """elbo = log p(x | recon) - beta * KL(q(z|x) || p(z)), per row."""
-    if likelihood == "bernoulli":
-        ll = bernoulli_log_prob(recon, x)
-    else:
-        ll = gaussian_log_prob(recon, x, 0.0 if obs_logvar is None else obs_logvar)
+    """elbo = log p(x | recon) - beta * KL(q(z|x) || p(z)), per row.
+
+    recon may be [K, B, Dx] (K decoded samples of z): the log-likelihood is then their average.
+    """
+    ll = _log_likelihood(x, recon, likelihood, obs_logvar)
+    if recon.dim() == 3:
+        ll = ll.mean(0)
     kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar)
     return ELBOTerms(ll - beta * kl, ll, kl)
+
+
+def _log_likelihood(x, recon, likelihood, obs_logvar):
+    """log p(x | recon) per row of recon ([B] or [K, B]; x broadcasts over the samples)."""
+    if likelihood == "bernoulli":
+        return bernoulli_log_prob(recon, x)
+    return gaussian_log_prob(recon, x, 0.0 if obs_logvar is None else obs_logvar)
+
+
+def iwae_log_weights(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
+                     prior_logvar=None) -> torch.Tensor:
+    """log w[k, b] = log p(x_b | z_kb) + log p(z_kb) - log q(z_kb | x_b), shape [K, B]."""
+    q = Normal(mu, _std(logvar), validate_args=False)
+    log_q = q.log_prob(z).sum(-1)
+    log_p = _prior_normal(prior_mu, prior_logvar, mu).log_prob(z).sum(-1)
+    return _log_likelihood(x, recon, likelihood, obs_logvar) + log_p - log_q
+
+
+def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
+               prior_logvar=None) -> torch.Tensor:
+    """The importance-weighted bound (Burda et al. 2016) per row: log (1/K) sum_k w[k, b], [B].
+
+    recon [K, B, Dx] is decoded from z [K, B, Dz] ~ q(z | x); K = 1 is the single-sample ELBO
+    with the Monte Carlo KL, log p(x | z) + log p(z) - log q(z | x).
+    """
+    lw = iwae_log_weights(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
+                          prior_mu=prior_mu, prior_logvar=prior_logvar)
+    return torch.logsumexp(lw, dim=0) - math.log(lw.shape[0])
 
 
 class _ReferenceOps:
@@ -91,9 +145,10 @@ class _ReferenceOps:
     the API can treat it as one more backend."""
 
     @staticmethod
-    def rsample(mu, logvar, seed, eps):
+    def rsample(mu, logvar, seed, eps, num_samples=0):
+        shape = ((num_samples,) if num_samples > 0 else ()) + tuple(mu.shape)
         if eps is None:
-            eps = standard_normal(seed, mu.shape, dtype=mu.dtype, device=mu.device)
+            eps = standard_normal(seed, shape, dtype=mu.dtype, device=mu.device)
         return rsample(mu, logvar, eps=eps)
 
     gaussian_kl = staticmethod(gaussian_kl)
@@ -111,6 +166,24 @@ class _ReferenceOps:
             unit_interval(x)
         return tuple(elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, prior_mu=prior_mu,
                           prior_logvar=prior_logvar, beta=beta))
+
+
+    @staticmethod
+    def iwae_bound(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
+        if validate_x and likelihood == "bernoulli":
+            unit_interval(x)
+        lw = iwae_log_weights(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
+                              prior_mu=prior_mu, prior_logvar=prior_logvar)
+        return torch.logsumexp(lw, dim=0) - math.log(lw.shape[0]), lw.to(_acc(lw.dtype))
+
+    @staticmethod
+    def free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits):
+        kl_dims = _kl_elements(mu, logvar, prior_mu, prior_logvar).mean(0)
+        return free_bits_kl(mu, logvar, free_bits, prior_mu, prior_logvar), kl_dims.detach().to(_acc(mu.dtype))
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 OPS = _ReferenceOps()
