@@ -135,6 +135,48 @@ FASTELBO_HD void kl_normal_grad(V g, V mu, V lv, V pmu, V plv, V& dmu, V& dlv, V
 }
 
 // ---------------------------------------------------------------------------
+// log p(z) - log q(z | x) of one element (the IWAE log-weight's latent part),
+// q = N(mu, e^lv), p = N(pmu, e^plv) (or N(0, 1): pmu = plv = 0); the
+// -0.5 log 2pi of the two densities cancel exactly:
+//   0.5 * (lv - plv) + 0.5 * (z - mu)^2 e^-lv - 0.5 * (z - pmu)^2 e^-plv
+//   d/dz   = (z - mu) e^-lv - (z - pmu) e^-plv
+//   d/dmu  = -(z - mu) e^-lv               d/dpmu = (z - pmu) e^-plv
+//   d/dlv  = (1 - (z - mu)^2 e^-lv) / 2    d/dplv = ((z - pmu)^2 e^-plv - 1) / 2
+// ---------------------------------------------------------------------------
+template <class V>
+FASTELBO_HD V log_pq_std(V z, V mu, V lv) {
+  const V d = z - mu;
+  return V(0.5) * (lv + d * d * Math<V>::exp(V(0) - lv) - z * z);
+}
+
+template <class V>
+FASTELBO_HD void log_pq_std_grad(V g, V z, V mu, V lv, V& dz, V& dmu, V& dlv) {
+  const V d = z - mu;
+  const V wq = d * Math<V>::exp(V(0) - lv);
+  dmu = V(0) - g * wq;
+  dz = g * (wq - z);
+  dlv = g * V(0.5) * (V(1) - d * wq);
+}
+
+template <class V>
+FASTELBO_HD V log_pq_normal(V z, V mu, V lv, V pmu, V plv) {
+  const V d = z - mu, dp = z - pmu;
+  return V(0.5) * (lv - plv + d * d * Math<V>::exp(V(0) - lv) - dp * dp * Math<V>::exp(V(0) - plv));
+}
+
+template <class V>
+FASTELBO_HD void log_pq_normal_grad(V g, V z, V mu, V lv, V pmu, V plv, V& dz, V& dmu, V& dlv, V& dpmu,
+                                    V& dplv) {
+  const V d = z - mu, dp = z - pmu;
+  const V wq = d * Math<V>::exp(V(0) - lv), wp = dp * Math<V>::exp(V(0) - plv);
+  dmu = V(0) - g * wq;
+  dpmu = g * wp;
+  dz = g * (wq - wp);
+  dlv = g * V(0.5) * (V(1) - d * wq);
+  dplv = g * V(0.5) * (dp * wp - V(1));
+}
+
+// ---------------------------------------------------------------------------
 // Bernoulli log-likelihood with logits l and target x in [0, 1], one element:
 //   x*l - softplus(l) = -((1 - x)*l + max(-l, 0) + log1p(e^-|l|))
 //   d/dl = x - sigmoid(l),  d/dx = l

@@ -49,20 +49,76 @@ inline void check_kl_args(const at::Tensor& mu, const at::Tensor& logvar, const 
   check_prior(prior_mu, prior_logvar);
 }
 
-// The arguments of the fused ELBO ops, whatever the device.
-inline void check_elbo_shapes(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
-                              const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
-                              const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
-                              bool gaussian) {
-  check_like(recon, "recon", x, "x");
-  check_like(recon, "recon", obs_logvar, "obs_logvar");
-  check_kl_args(mu, logvar, prior_mu, prior_logvar);
-  TORCH_CHECK(mu.size(0) == recon.size(0), "fastelbo: mu must have the batch size of recon (", recon.size(0),
-              "), got ", mu.size(0));
-  TORCH_CHECK(mu.scalar_type() == recon.scalar_type(), "fastelbo: mu must have dtype ", recon.scalar_type(), ", got ",
-              mu.scalar_type());
+inline void check_dtype(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fastelbo: ", bn, " must have dtype ", a.scalar_type(), " (that of ",
+              an, "), got ", b.scalar_type());
+}
+
+// A per-sample operand: [K, B, D] whose [B, D] matches `like` (allow_2d: or [B, D]
+// itself, K = 1). Returns K.
+inline int64_t check_samples(const at::Tensor& t, const char* tn, const at::Tensor& like, const char* ln,
+                             bool allow_2d) {
+  TORCH_CHECK(t.dim() == 3 || (allow_2d && t.dim() == 2), "fastelbo: ", tn, " must be ",
+              allow_2d ? "[B, D] or " : "", "[K, B, D], got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fastelbo: ", tn, " must be floating point, got ", t.scalar_type());
+  const int64_t o = t.dim() - 2;
+  TORCH_CHECK(t.size(o) == like.size(0), "fastelbo: ", tn, " must have the batch size of ", ln, " (", like.size(0),
+              "), got ", t.size(o), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.size(o + 1) == like.size(1), "fastelbo: ", tn, " must have the feature size of ", ln, " (",
+              like.size(1), "), got ", t.size(o + 1), " (shape ", t.sizes(), ")");
+  check_dtype(like, ln, t, tn);
+  return o ? t.size(0) : 1;
+}
+
+// An observation / likelihood log-variance: [1, D] (one per feature) or [B, D] (per row), any strides.
+inline void check_row_or_feature(const at::Tensor& like, const char* ln, const at::Tensor& s, const char* sn) {
+  TORCH_CHECK(s.dim() == 2 && s.size(1) == like.size(1) && (s.size(0) == 1 || s.size(0) == like.size(0)),
+              "fastelbo: ", sn, " must be [1, ", like.size(1), "] (per feature) or [", like.size(0), ", ",
+              like.size(1), "] (per row), got shape ", s.sizes());
+  check_dtype(like, ln, s, sn);
+}
+
+// The likelihood arguments of the fused ops: x [B, Dx], recon [B, Dx] (allow_2d) or
+// [K, B, Dx], obs_logvar [1, Dx] or [B, Dx] (gaussian only). Returns K.
+inline int64_t check_likelihood_args(const at::Tensor& x, const at::Tensor& recon,
+                                     const std::optional<at::Tensor>& obs_logvar, bool gaussian, bool allow_2d) {
+  check_2d(x, "x");
+  const int64_t K = check_samples(recon, "recon", x, "x", allow_2d);
   TORCH_CHECK(!gaussian || obs_logvar.has_value(),
               "fastelbo: the gaussian likelihood needs obs_logvar (the Python API fills 0)");
+  if (gaussian) check_row_or_feature(x, "x", *obs_logvar, "obs_logvar");
+  return K;
+}
+
+// The arguments of the fused ELBO ops, whatever the device. Returns K (1 for a [B, Dx] recon).
+inline int64_t check_elbo_shapes(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                                 const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                                 const std::optional<at::Tensor>& prior_mu,
+                                 const std::optional<at::Tensor>& prior_logvar, bool gaussian) {
+  const int64_t K = check_likelihood_args(x, recon, obs_logvar, gaussian, true);
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
+  TORCH_CHECK(mu.size(0) == x.size(0), "fastelbo: mu must have the batch size of x (", x.size(0), "), got ",
+              mu.size(0));
+  check_dtype(x, "x", mu, "mu");
+  return K;
+}
+
+// The arguments of iwae_bound: x [B, Dx], recon [K, B, Dx], z [K, B, Dz], mu, logvar [B, Dz]. Returns K.
+inline int64_t check_iwae_shapes(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& z,
+                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                 const std::optional<at::Tensor>& obs_logvar, const std::optional<at::Tensor>& prior_mu,
+                                 const std::optional<at::Tensor>& prior_logvar, bool gaussian) {
+  const int64_t K = check_likelihood_args(x, recon, obs_logvar, gaussian, false);
+  TORCH_CHECK(K >= 1, "fastelbo: iwae_bound needs at least one sample, got recon of shape ", recon.sizes());
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
+  TORCH_CHECK(mu.size(0) == x.size(0), "fastelbo: mu must have the batch size of x (", x.size(0), "), got ",
+              mu.size(0));
+  check_dtype(x, "x", mu, "mu");
+  TORCH_CHECK(z.dim() == 3, "fastelbo: z must be [K, B, Dz], got shape ", z.sizes());
+  TORCH_CHECK(z.size(0) == K, "fastelbo: K mismatch between z and recon: z has ", z.size(0), " samples, recon ", K);
+  TORCH_CHECK(z.size(2) == mu.size(1), "fastelbo: z must have the Dz of mu (", mu.size(1), "), got ", z.size(2));
+  check_samples(z, "z", mu, "mu", false);
+  return K;
 }
 
 // Result of a gradient the caller did not ask for.

@@ -1,8 +1,13 @@
 // The fused ELBO on the CPU (DESIGN §1 row 6): per row, one pass over
 // [recon, x] for log p(x|z) and one over [mu, logvar] for KL, in one launch;
-// elbo = loglik - beta * KL. The backward is one launch too: the upstream
+// elbo = loglik - beta * KL. With recon [K, B, Dx] (K decoded samples, x shared)
+// the log-likelihood is the sample average, loglik[b] = (1/K) sum_k ll(recon[k, b], x[b]),
+// the k loop inside the row's task. The backward is one launch too: the upstream
 // gradients of (elbo, loglik, kl) fold into one scale per term,
-//   g_ll = g_elbo + g_loglik,   g_kl = g_kl - beta * g_elbo.
+//   g_ll = g_elbo + g_loglik,   g_kl = g_kl - beta * g_elbo,
+// drecon[k, b] = (g_ll / K) dll/drecon; dx and a per-row obs_logvar's gradient are
+// summed over k in row buffers; a [1, Dx] obs_logvar's gradient over k and rows in
+// one partial per row block (RowBlocks), added in block order at the end.
 #include <ATen/Dispatch.h>
 
 #include <atomic>
@@ -20,20 +25,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_cpu(const at::Tensor& x, con
                                                         c10::string_view likelihood, double beta,
                                                         bool validate_x) {
   const Likelihood kind = parse_likelihood(likelihood);
-  check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
-  auto elbo = row_result(recon), ll = row_result(recon), kl = row_result(recon);
+  const int64_t K =
+      check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
+  auto elbo = row_result(x), ll = row_result(x), kl = row_result(x);
   std::atomic<bool> out_of_range{false};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_elbo_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastelbo_elbo_cpu", [&] {
     const LogLikTerm<scalar_t> lik(kind, recon, x, obs_logvar);
     const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);
     scalar_t *pe = elbo.data_ptr<scalar_t>(), *pl = ll.data_ptr<scalar_t>(), *pk = kl.data_ptr<scalar_t>();
-    at::parallel_for(0, recon.size(0), row_grain(lik.cols + div.cols), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, x.size(0), row_grain(K * lik.cols + div.cols), [&](int64_t r0, int64_t r1) {
       bool bad = false;
       for (int64_t i = r0; i < r1; ++i) {
-        const double l = lik.forward(i, validate_x, bad), k = div.forward(i);
-        pe[i] = static_cast<scalar_t>(l - beta * k);
+        double l = lik.forward(i, validate_x, bad);
+        for (int64_t k = 1; k < K; ++k) l += lik.forward(i, false, bad, k);  // x checked once, with k = 0
+        if (K != 1) l /= static_cast<double>(K);
+        const double d = div.forward(i);
+        pe[i] = static_cast<scalar_t>(l - beta * d);
         pl[i] = static_cast<scalar_t>(l);
-        pk[i] = static_cast<scalar_t>(k);
+        pk[i] = static_cast<scalar_t>(d);
       }
       if (bad) out_of_range = true;
     });
@@ -50,34 +59,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& prior_logvar, c10::string_view likelihood, double beta,
     std::array<bool, 7> output_mask) {
   const Likelihood kind = parse_likelihood(likelihood);
-  check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
-  check_row_grad(grad_elbo, "grad_elbo", recon);
-  check_row_grad(grad_loglik, "grad_loglik", recon);
-  check_row_grad(grad_kl, "grad_kl", recon);
   const bool gaussian = kind == Likelihood::kGaussian, has_prior = prior_mu.has_value();
+  const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
+  check_row_grad(grad_elbo, "grad_elbo", x);
+  check_row_grad(grad_loglik, "grad_loglik", x);
+  check_row_grad(grad_kl, "grad_kl", x);
   std::array<at::Tensor, 7> d = {
       grad_or_empty(output_mask[0], x),       grad_or_empty(output_mask[1], recon),
       grad_or_empty(output_mask[2], mu),      grad_or_empty(output_mask[3], mu),
-      grad_or_empty(output_mask[4] && gaussian, recon), grad_or_empty(output_mask[5] && has_prior, mu),
+      grad_or_empty(output_mask[4] && gaussian, gaussian ? *obs_logvar : x), grad_or_empty(output_mask[5] && has_prior, mu),
       grad_or_empty(output_mask[6] && has_prior, mu)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_elbo_backward_cpu", [&] {
+  const int64_t B = x.size(0), Dx = x.size(1);
+  // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
+  const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastelbo_elbo_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const LogLikTerm<scalar_t> lik(kind, recon, x, obs_logvar);
     const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);
     const RowScalar<scalar_t> ge = grad_elbo ? row_scalar<scalar_t>(*grad_elbo) : RowScalar<scalar_t>{};
     const RowScalar<scalar_t> gl = grad_loglik ? row_scalar<scalar_t>(*grad_loglik) : RowScalar<scalar_t>{};
     const RowScalar<scalar_t> gk = grad_kl ? row_scalar<scalar_t>(*grad_kl) : RowScalar<scalar_t>{};
-    at::parallel_for(0, recon.size(0), row_grain(lik.cols + div.cols), [&](int64_t r0, int64_t r1) {
+    const RowBlocks blocks = row_blocks(B, row_grain(K * lik.cols + div.cols));
+    RowBuffers<A> ds_parts(per_feature && d[4].numel(), blocks.parts, Dx);
+    scalar_t* drecon = d[1].numel() ? d[1].data_ptr<scalar_t>() : nullptr;  // [K, B, Dx] or [B, Dx], contiguous
+    parallel_blocks(blocks, [&](int64_t p, int64_t r0, int64_t r1) {
+      // K > 1: dx[i] and a per-row ds[i] sum over the samples in row buffers (accumulation type).
+      RowBuffers<A> sums(K > 1, 2, Dx);
+      A* ds_part = ds_parts.row(p);
       for (int64_t i = r0; i < r1; ++i) {
         const A g_elbo = ge[i];
         const A g_ll = g_elbo + gl[i];
         const A g_kl = gk[i] - static_cast<A>(beta) * g_elbo;
-        lik.backward(i, g_ll, {row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[4], i)});
+        scalar_t* dx = row_ptr<scalar_t>(d[0], i);
+        scalar_t* ds = per_feature ? nullptr : row_ptr<scalar_t>(d[4], i);
+        A* dx_sum = dx ? sums.row(0) : nullptr;
+        A* ds_sum = per_feature ? ds_part : (ds ? sums.row(1) : nullptr);
+        sums.zero(0);
+        sums.zero(1);
+        const A g = K == 1 ? g_ll : g_ll / static_cast<A>(K);
+        for (int64_t k = 0; k < K; ++k)
+          lik.backward(i, g, {drecon ? drecon + (k * B + i) * Dx : nullptr, dx, ds}, {nullptr, dx_sum, ds_sum}, k);
+        if (K > 1) {
+          if (dx) store_chunk(dx, 0, Dx, dx_sum);
+          if (ds && !per_feature) store_chunk(ds, 0, Dx, ds_sum);
+        }
         div.backward(i, g_kl,
                      {row_ptr<scalar_t>(d[2], i), row_ptr<scalar_t>(d[3], i), row_ptr<scalar_t>(d[5], i),
                       row_ptr<scalar_t>(d[6], i)});
       }
     });
+    if (ds_parts.row(0)) sum_blocks<scalar_t>(ds_parts, blocks.parts, d[4].data_ptr<scalar_t>());
   });
   return {d[0], d[1], d[2], d[3], d[4], d[5], d[6]};
 }

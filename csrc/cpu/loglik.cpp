@@ -28,19 +28,32 @@ at::Tensor loglik_forward(Likelihood kind, const at::Tensor& recon, const at::Te
   return ll;
 }
 
+// A [1, Dx] log-variance (one per feature) gets its gradient summed over rows:
+// one partial per row block (RowBlocks), added in block order at the end.
 std::array<at::Tensor, 3> loglik_backward(Likelihood kind, const at::Tensor& grad, const at::Tensor& recon,
                                           const at::Tensor& x, const std::optional<at::Tensor>& s,
                                           std::array<bool, 3> mask) {
   check_row_grad(grad, "grad", recon);
+  const bool gaussian = kind == Likelihood::kGaussian;
   std::array<at::Tensor, 3> d = {grad_or_empty(mask[0], recon), grad_or_empty(mask[1], recon),
-                                 grad_or_empty(mask[2], recon)};
+                                 grad_or_empty(mask[2] && gaussian, gaussian ? *s : recon)};
+  const int64_t B = recon.size(0);
+  const bool per_feature = gaussian && s->size(0) == 1 && B != 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_log_prob_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
     const LogLikTerm<scalar_t> term(kind, recon, x, s);
     const auto g = row_scalar<scalar_t>(grad);
-    at::parallel_for(0, recon.size(0), row_grain(term.cols), [&](int64_t r0, int64_t r1) {
+    const RowBlocks blocks = row_blocks(B, row_grain(term.cols));
+    RowBuffers<A> ds_parts(per_feature && d[2].numel(), blocks.parts, term.cols);
+    parallel_blocks(blocks, [&](int64_t p, int64_t r0, int64_t r1) {
+      A* ds_part = ds_parts.row(p);
       for (int64_t i = r0; i < r1; ++i)
-        term.backward(i, g[i], {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[2], i)});
+        term.backward(i, g[i],
+                      {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i),
+                       per_feature ? nullptr : row_ptr<scalar_t>(d[2], i)},
+                      {nullptr, nullptr, ds_part});
     });
+    if (ds_parts.row(0)) sum_blocks<scalar_t>(ds_parts, blocks.parts, d[2].data_ptr<scalar_t>());
   });
   return d;
 }
@@ -62,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward_cpu(const at::Ten
 
 at::Tensor gaussian_log_prob_cpu(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
   check_like(mean, "mean", x, "x");
-  check_like(mean, "mean", logvar, "logvar");
+  check_row_or_feature(mean, "mean", logvar, "logvar");
   return loglik_forward(Likelihood::kGaussian, mean, x, logvar, false);
 }
 
@@ -72,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(co
                                                                               const at::Tensor& logvar,
                                                                               std::array<bool, 3> output_mask) {
   check_like(mean, "mean", x, "x");
-  check_like(mean, "mean", logvar, "logvar");
+  check_row_or_feature(mean, "mean", logvar, "logvar");
   auto d = loglik_backward(Likelihood::kGaussian, grad, mean, x, logvar, output_mask);
   return {d[0], d[1], d[2]};
 }

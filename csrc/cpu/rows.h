@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <type_traits>
+#include <vector>
 
 #include "../fastelbo_math.h"
 #include "vec_math.h"
@@ -49,7 +50,8 @@ inline void to_acc(const T* p, int64_t n, acc_t<T>* out) {
   for (; k < n; ++k) out[k] = static_cast<acc_t<T>>(p[k]);
 }
 
-// A read-only [B, D] operand, dtype T, arbitrary strides.
+// A read-only [B, D] operand, dtype T, arbitrary strides. A [1, D] operand
+// (one value per feature, broadcast over rows) has s0 = 0.
 template <class T>
 struct Operand {
   const T* data = nullptr;
@@ -70,10 +72,30 @@ struct Operand {
   }
 };
 
+// The stride of a size-1 dimension is meaningless: 0 makes it broadcast.
+inline int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
 template <class T>
 Operand<T> operand(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(t.dim() == 2);
-  return Operand<T>{t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
+  return Operand<T>{t.const_data_ptr<T>(), stride_of(t, 0), t.stride(1)};
+}
+
+// [K, B, D] samples (sk the stride of the sample dimension), sample(k) the [B, D]
+// operand of sample k; a [B, D] tensor is one sample shared by all k (sk = 0),
+// as x beside recon [K, B, D].
+template <class T>
+struct Samples {
+  Operand<T> base;
+  int64_t sk = 0;
+  Operand<T> sample(int64_t k) const { return Operand<T>{base.data + k * sk, base.s0, base.s1}; }
+};
+
+template <class T>
+Samples<T> samples(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 2 || t.dim() == 3);
+  if (t.dim() == 2) return Samples<T>{operand<T>(t), 0};
+  return Samples<T>{Operand<T>{t.const_data_ptr<T>(), stride_of(t, 1), t.stride(2)}, stride_of(t, 0)};
 }
 
 // A [B] vector (upstream gradients arrive expanded, stride 0, as often as not).
@@ -131,11 +153,14 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
   return total;
 }
 
-// out_m[i, j] = f(g, v_0[i, j], ...)_m for the outputs whose row pointer is set.
+// out_m[i, j] = f(g, v_0[i, j], ...)_m for the outputs whose row pointer is set;
+// add_m[j] += f(...)_m (accumulation type, unit stride) for those whose add row
+// is set instead: sums over samples or rows stay in accumulation-typed row buffers.
 // f(Vec g, std::array<Vec, N> v, std::array<Vec, M>& out).
-template <class T, size_t N, size_t M, class F>
-void map_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t<T> g,
-             const std::array<T*, M>& out_rows, F f) {
+// (kAdd = false: no add rows, the plain store loop of map_row.)
+template <class T, size_t N, size_t M, class F, bool kAdd = true>
+void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t<T> g,
+                 const std::array<T*, M>& out_rows, const std::array<acc_t<T>*, M>& add_rows, F f) {
   using A = acc_t<T>;
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
@@ -153,6 +178,11 @@ void map_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t
       for (size_t q = 0; q < N; ++q) v[q] = w == W ? Vec::loadu(p[q] + k) : Vec::loadu(p[q] + k, w);
       f(gv, v, o);
       for (size_t m = 0; m < M; ++m) {
+        if (kAdd && add_rows[m]) {
+          A* a = add_rows[m] + j + k;
+          (Vec::loadu(a, w) + o[m]).store(a, w);
+          continue;
+        }
         if (!out_rows[m]) continue;
         if constexpr (std::is_same_v<T, A>) {
           o[m].store(out_rows[m] + j + k, w);
@@ -163,15 +193,84 @@ void map_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t
     }
     if constexpr (!std::is_same_v<T, A>) {
       for (size_t m = 0; m < M; ++m)
-        if (out_rows[m]) store_chunk(out_rows[m], j, n, result[m]);
+        if (out_rows[m] && !(kAdd && add_rows[m])) store_chunk(out_rows[m], j, n, result[m]);
     }
   }
+}
+
+template <class T, size_t N, size_t M, class F>
+void map_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t<T> g,
+             const std::array<T*, M>& out_rows, F f) {
+  map_row_add<T, N, M, F, false>(in, i, cols, g, out_rows, std::array<acc_t<T>*, M>{}, f);
+}
+
+// Rows [0, rows) cut into `parts` fixed blocks, f(part, r0, r1) on them in
+// parallel. A backward that sums over rows (a [1, D] parameter's gradient)
+// keeps one partial per block and adds the blocks in order afterwards: the
+// result depends on the thread count only, never on scheduling.
+struct RowBlocks {
+  int64_t rows, parts;
+  int64_t begin(int64_t p) const { return rows * p / parts; }
+};
+
+inline RowBlocks row_blocks(int64_t rows, int64_t grain) {
+  const int64_t by_grain = (rows + grain - 1) / std::max<int64_t>(grain, 1);
+  return RowBlocks{rows, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_grain))};
+}
+
+template <class F>
+void parallel_blocks(const RowBlocks& blocks, F f) {
+  at::parallel_for(0, blocks.parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) f(p, blocks.begin(p), blocks.begin(p + 1));
+  });
+}
+
+// Zeroed accumulation-typed buffers of `cols` values, one per block (or per
+// row), for map_row_add; empty when not wanted.
+template <class A>
+struct RowBuffers {
+  std::vector<A> data;
+  int64_t cols = 0;
+  RowBuffers(bool wanted, int64_t count, int64_t cols_) : cols(cols_) {
+    if (wanted) data.assign(static_cast<size_t>(count * cols), A(0));
+  }
+  A* row(int64_t p) { return data.empty() ? nullptr : data.data() + p * cols; }
+  void zero(int64_t p) {
+    if (!data.empty()) std::fill_n(data.data() + p * cols, cols, A(0));
+  }
+};
+
+// out[j] = sum_p part[p][j], blocks in order, written as T (out contiguous).
+template <class T>
+void sum_blocks(RowBuffers<acc_t<T>>& parts, int64_t count, T* out) {
+  using A = acc_t<T>;
+  const int64_t cols = parts.cols;
+  at::parallel_for(0, cols, kChunk, [&](int64_t j0, int64_t j1) {
+    alignas(64) A buf[kChunk];
+    for (int64_t j = j0; j < j1; j += kChunk) {
+      const int64_t n = std::min(kChunk, j1 - j);
+      std::fill_n(buf, n, A(0));
+      for (int64_t p = 0; p < count; ++p) {
+        const A* src = parts.row(p) + j;
+        for (int64_t q = 0; q < n; ++q) buf[q] += src[q];
+      }
+      store_chunk(out, j, n, buf);
+    }
+  });
 }
 
 // Contiguous output row pointer, or nullptr for an output not asked for.
 template <class T>
 inline T* row_ptr(const at::Tensor& out, int64_t i) {
   return out.numel() ? out.data_ptr<T>() + i * out.stride(0) : nullptr;
+}
+
+// Row i of sample k of a contiguous [K, B, D] (or [B, D], k = 0) output, or nullptr.
+template <class T>
+inline T* sample_row_ptr(const at::Tensor& out, int64_t k, int64_t i) {
+  if (!out.numel()) return nullptr;
+  const int64_t rows = out.size(-2), cols = out.size(-1);
+  return out.data_ptr<T>() + (k * rows + i) * cols;
 }
 
 }  // namespace cpu

@@ -1,11 +1,16 @@
 // Reparameterized sample on the CPU (DESIGN §1 row 1, noise per §2):
 //   forward   z = mu + e^(lv/2) * eps
 //   backward  dlv = g * e^(lv/2) * eps / 2, deps = g * e^(lv/2)  (dmu = g needs no kernel)
+// num_samples = K >= 1: z [K, B, Dz], eps of logical element (k * B + b) * Dz + j;
+// the backward sums dlv over k inside each chunk's task.
 // eps is regenerated from the seed in the backward: nothing [B, Dz] is saved.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cstring>
+#include <vector>
 
 #include "checks.h"
 #include "rows.h"
@@ -43,17 +48,19 @@ void fill_normals(uint64_t seed, uint64_t n0, int64_t count, A* out) {
   }
 }
 
-// The eps operand: the caller's tensor, or Philox noise of the row being processed.
+// The eps operand: the caller's tensor ([B, D] or [K, B, D]), or Philox noise of
+// logical element (k * rows + i) * cols + j of the span (DESIGN §2: the flat
+// index of z [K, B, Dz] either way).
 template <class T>
 struct Noise {
   bool given;
-  Operand<T> eps;
+  Samples<T> eps;
   uint64_t seed;
-  int64_t cols;
+  int64_t rows, cols;
 
-  const acc_t<T>* chunk(int64_t i, int64_t j, int64_t n, acc_t<T>* scratch) const {
-    if (given) return eps.chunk(i, j, n, scratch);
-    fill_normals<acc_t<T>>(seed, static_cast<uint64_t>(i) * cols + j, n, scratch);
+  const acc_t<T>* chunk(int64_t k, int64_t i, int64_t j, int64_t n, acc_t<T>* scratch) const {
+    if (given) return eps.sample(k).chunk(i, j, n, scratch);
+    fill_normals<acc_t<T>>(seed, static_cast<uint64_t>(k * rows + i) * cols + j, n, scratch);
     return scratch;
   }
 };
@@ -64,7 +71,7 @@ uint64_t seed_value(const at::Tensor& seed) {
 }
 
 
-// The logical [rows, cols] of a sample. When every operand is contiguous the
+// The logical [rows, cols] of one sample. When every operand is contiguous the
 // sample is one row of rows * cols elements (the noise index is the flat index
 // either way), so narrow rows (Dz = 8) still fill whole vectors and chunks.
 struct Span {
@@ -76,40 +83,53 @@ inline Span span_of(std::initializer_list<const at::Tensor*> operands) {
   const at::Tensor& first = **operands.begin();
   bool flat = true;
   for (const at::Tensor* t : operands) flat = flat && t->is_contiguous();
-  if (flat) return Span{1, first.numel(), true};
-  return Span{first.size(0), first.size(1), false};
+  if (flat) return Span{1, first.size(-2) * first.size(-1), true};
+  return Span{first.size(-2), first.size(-1), false};
 }
 
+// [B, D] or [K, B, D] t as an operand over the span (sample(k) its k-th [B, D]).
 template <class T>
-Operand<T> operand_in(const at::Tensor& t, const Span& span) {
-  return span.flat ? Operand<T>{t.const_data_ptr<T>(), 0, 1} : operand<T>(t);
+Samples<T> operand_in(const at::Tensor& t, const Span& span) {
+  if (!span.flat) return samples<T>(t);
+  return Samples<T>{Operand<T>{t.const_data_ptr<T>(), 0, 1}, t.dim() == 3 ? span.rows * span.cols : 0};
 }
 
 template <class T>
 Noise<T> noise(const std::optional<at::Tensor>& eps, const at::Tensor& seed, const Span& span) {
-  if (eps.has_value()) return Noise<T>{true, operand_in<T>(*eps, span), 0, span.cols};
-  return Noise<T>{false, {}, seed_value(seed), span.cols};
+  if (eps.has_value()) return Noise<T>{true, operand_in<T>(*eps, span), 0, span.rows, span.cols};
+  return Noise<T>{false, {}, seed_value(seed), span.rows, span.cols};
 }
 
-// f(row, first column, count) over every chunk of the span, chunks in parallel.
+// f(row, first column, count) over every chunk of `samples` spans (row =
+// k * span.rows + i for sample k), chunks in parallel.
 template <class F>
-void parallel_chunks(const Span& span, F f) {
+void parallel_chunks(const Span& span, int64_t samples, F f) {
   const int64_t per_row = (span.cols + kChunk - 1) / kChunk;
-  at::parallel_for(0, span.rows * per_row, 16, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, samples * span.rows * per_row, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / per_row, j = (t % per_row) * kChunk;
-      f(i, j, std::min(kChunk, span.cols - j));
+      const int64_t r = t / per_row, j = (t % per_row) * kChunk;
+      f(r, j, std::min(kChunk, span.cols - j));
     }
   });
 }
 
 }  // namespace
 
+// num_samples = 0: z [B, Dz]; K = num_samples >= 1: z [K, B, Dz], z[k] = mu + e^(lv/2) * eps[k].
 at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
-                       const std::optional<at::Tensor>& eps) {
+                       const std::optional<at::Tensor>& eps, int64_t num_samples) {
+  TORCH_CHECK(num_samples >= 0, "fastelbo: num_samples must be >= 0, got ", num_samples);
   check_like(mu, "mu", logvar, "logvar");
-  check_like(mu, "mu", eps, "eps");
-  auto z = at::empty(mu.sizes(), mu.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t K = std::max<int64_t>(num_samples, 1);
+  if (num_samples == 0) {
+    check_like(mu, "mu", eps, "eps");
+  } else if (eps.has_value()) {
+    check_samples(*eps, "eps", mu, "mu", false);
+    TORCH_CHECK(eps->size(0) == K, "fastelbo: eps must have num_samples (", K, ") samples, got shape ", eps->sizes());
+  }
+  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
+  if (num_samples > 0) shape.insert(shape.begin(), num_samples);
+  auto z = at::empty(shape, mu.options().memory_format(at::MemoryFormat::Contiguous));
   if (z.numel() == 0) return z;
   const Span span = eps.has_value() ? span_of({&mu, &logvar, &*eps}) : span_of({&mu, &logvar});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_rsample_cpu", [&] {
@@ -118,49 +138,63 @@ at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at:
     const auto m = operand_in<scalar_t>(mu, span), lv = operand_in<scalar_t>(logvar, span);
     const auto e = noise<scalar_t>(eps, seed, span);
     scalar_t* out = z.data_ptr<scalar_t>();
-    parallel_chunks(span, [&](int64_t i, int64_t j, int64_t n) {
+    parallel_chunks(span, K, [&](int64_t r, int64_t j, int64_t n) {
+      const int64_t k = r / span.rows, i = r % span.rows;
       alignas(64) A s_mu[kChunk], s_lv[kChunk], s_eps[kChunk], s_z[kChunk];
-      const A* pm = m.chunk(i, j, n, s_mu);
-      const A* pl = lv.chunk(i, j, n, s_lv);
-      const A* pe = e.chunk(i, j, n, s_eps);
-      for (int64_t k = 0; k < n; k += Vec::size()) {
-        const int64_t w = std::min<int64_t>(Vec::size(), n - k);
-        reparam(Vec::loadu(pm + k, w), Vec::loadu(pl + k, w), Vec::loadu(pe + k, w)).store(s_z + k, w);
+      const A* pm = m.base.chunk(i, j, n, s_mu);
+      const A* pl = lv.base.chunk(i, j, n, s_lv);
+      const A* pe = e.chunk(k, i, j, n, s_eps);
+      for (int64_t q = 0; q < n; q += Vec::size()) {
+        const int64_t w = std::min<int64_t>(Vec::size(), n - q);
+        reparam(Vec::loadu(pm + q, w), Vec::loadu(pl + q, w), Vec::loadu(pe + q, w)).store(s_z + q, w);
       }
-      store_chunk(out + i * span.cols, j, n, s_z);
+      store_chunk(out + r * span.cols, j, n, s_z);
     });
   });
   return z;
 }
 
+// grad_z [B, Dz] or [K, B, Dz]: dlv = sum_k g[k] * e^(lv/2) * eps[k] / 2 (k loop inside
+// the chunk's task, summed in the accumulation type), deps[k] = g[k] * e^(lv/2).
 std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z, const at::Tensor& logvar,
                                                         const at::Tensor& seed, const std::optional<at::Tensor>& eps,
                                                         std::array<bool, 2> output_mask) {
-  check_like(logvar, "logvar", grad_z, "grad_z");
-  check_like(logvar, "logvar", eps, "eps");
+  check_2d(logvar, "logvar");
+  const int64_t K = check_samples(grad_z, "grad_z", logvar, "logvar", true);
+  if (eps.has_value()) {
+    TORCH_CHECK(eps->sizes() == grad_z.sizes(), "fastelbo: eps must have the shape of grad_z ", grad_z.sizes(),
+                ", got ", eps->sizes());
+    check_dtype(grad_z, "grad_z", *eps, "eps");
+  }
   auto dlv = grad_or_empty(output_mask[0], logvar);
-  auto deps = grad_or_empty(output_mask[1], logvar);
+  auto deps = grad_or_empty(output_mask[1], grad_z);
   if (logvar.numel() == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
+  if (K == 0) {
+    if (output_mask[0]) dlv.zero_();
+    return {dlv, deps};
+  }
   const Span span = eps.has_value() ? span_of({&grad_z, &logvar, &*eps}) : span_of({&grad_z, &logvar});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logvar.scalar_type(), "fastelbo_rsample_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     using Vec = at::vec::Vectorized<A>;
     const auto g = operand_in<scalar_t>(grad_z, span), lv = operand_in<scalar_t>(logvar, span);
     const auto e = noise<scalar_t>(eps, seed, span);
-    parallel_chunks(span, [&](int64_t i, int64_t j, int64_t n) {
+    parallel_chunks(span, 1, [&](int64_t i, int64_t j, int64_t n) {
       alignas(64) A s_g[kChunk], s_lv[kChunk], s_eps[kChunk], s_dlv[kChunk], s_deps[kChunk];
-      const A* pg = g.chunk(i, j, n, s_g);
-      const A* pl = lv.chunk(i, j, n, s_lv);
-      const A* pe = e.chunk(i, j, n, s_eps);
-      for (int64_t k = 0; k < n; k += Vec::size()) {
-        const int64_t w = std::min<int64_t>(Vec::size(), n - k);
-        Vec vdlv, vdeps;
-        reparam_grad(Vec::loadu(pg + k, w), Vec::loadu(pl + k, w), Vec::loadu(pe + k, w), vdlv, vdeps);
-        vdlv.store(s_dlv + k, w);
-        vdeps.store(s_deps + k, w);
+      const A* pl = lv.base.chunk(i, j, n, s_lv);
+      for (int64_t k = 0; k < K; ++k) {
+        const A* pg = g.sample(k).chunk(i, j, n, s_g);
+        const A* pe = e.chunk(k, i, j, n, s_eps);
+        for (int64_t q = 0; q < n; q += Vec::size()) {
+          const int64_t w = std::min<int64_t>(Vec::size(), n - q);
+          Vec vdlv, vdeps;
+          reparam_grad(Vec::loadu(pg + q, w), Vec::loadu(pl + q, w), Vec::loadu(pe + q, w), vdlv, vdeps);
+          (k == 0 ? vdlv : Vec::loadu(s_dlv + q, w) + vdlv).store(s_dlv + q, w);
+          vdeps.store(s_deps + q, w);
+        }
+        if (output_mask[1]) store_chunk(deps.data_ptr<scalar_t>() + (k * span.rows + i) * span.cols, j, n, s_deps);
       }
       if (output_mask[0]) store_chunk(dlv.data_ptr<scalar_t>() + i * span.cols, j, n, s_dlv);
-      if (output_mask[1]) store_chunk(deps.data_ptr<scalar_t>() + i * span.cols, j, n, s_deps);
     });
   });
   return {dlv, deps};

@@ -79,51 +79,118 @@ inline Likelihood parse_likelihood(std::string_view name) {
 }
 
 // log p(x | recon) of one row: Bernoulli with logits recon, or Gaussian with
-// mean recon and log-variance s (any broadcast of it, arriving as strides).
+// mean recon and log-variance s ([1, Dx]: one per feature, or [B, Dx]; any
+// strides). recon may be [K, B, Dx]: row i of sample k, x (and s) shared by the samples.
 template <class T>
 struct LogLikTerm {
   using A = acc_t<T>;
   using Vec = at::vec::Vectorized<A>;
   Likelihood kind;
-  Operand<T> recon, x, s;
+  Samples<T> recon;
+  Operand<T> x, s;
   int64_t cols;
 
   LogLikTerm(Likelihood kind_, const at::Tensor& recon_, const at::Tensor& x_, const std::optional<at::Tensor>& s_)
-      : kind(kind_), recon(operand<T>(recon_)), x(operand<T>(x_)), cols(recon_.size(1)) {
+      : kind(kind_), recon(samples<T>(recon_)), x(operand<T>(x_)), cols(x_.size(1)) {
     if (kind == Likelihood::kGaussian) s = operand<T>(*s_);
   }
 
   // validate_x: also flag Bernoulli targets outside [0, 1] (NaN passes), in the same pass.
-  double forward(int64_t i, bool validate_x, bool& x_out_of_range) const {
+  double forward(int64_t i, bool validate_x, bool& x_out_of_range, int64_t k = 0) const {
+    const Operand<T> r = recon.sample(k);
     if (kind == Likelihood::kBernoulli) {
       if (!validate_x)
-        return reduce_row<T, 2>({recon, x}, i, cols,
-                                [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); });
+        return reduce_row<T, 2>({r, x}, i, cols, [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); });
       Vec bad(A(0));
-      const double ll = reduce_row<T, 2>({recon, x}, i, cols, [&bad](const std::array<Vec, 2>& v) {
+      const double ll = reduce_row<T, 2>({r, x}, i, cols, [&bad](const std::array<Vec, 2>& v) {
         bad = bad | (v[1] < Vec(A(0))) | (v[1] > Vec(A(1)));
         return bernoulli_ll(v[0], v[1]);
       });
       x_out_of_range |= any_lane_set(bad);
       return ll;
     }
-    return reduce_row<T, 3>({recon, x, s}, i, cols,
+    return reduce_row<T, 3>({r, x, s}, i, cols,
                             [](const std::array<Vec, 3>& v) { return gaussian_ll(v[0], v[1], v[2]); });
   }
 
-  // out = {drecon, dx, ds} rows (nullptr: not wanted; ds unused for Bernoulli).
-  void backward(int64_t i, A g, const std::array<T*, 3>& out) const {
-    if (kind == Likelihood::kBernoulli) {
-      map_row<T, 2, 2>({recon, x}, i, cols, g, {out[0], out[1]},
-                       [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
-                         bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
-                       });
+  // out = {drecon, dx, ds} rows (nullptr: not wanted; ds unused for Bernoulli);
+  // add = accumulation-typed rows that sum an output instead (over samples or rows).
+  void backward(int64_t i, A g, const std::array<T*, 3>& out, const std::array<A*, 3>& add = {},
+                int64_t k = 0) const {
+    const Operand<T> r = recon.sample(k);
+    if (!add[0] && !add[1] && !add[2]) {  // nothing summed: the plain store loop
+      if (kind == Likelihood::kBernoulli) {
+        map_row<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]},
+                         [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
+                           bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
+                         });
+      } else {
+        map_row<T, 3, 3>({r, x, s}, i, cols, g, out,
+                         [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
+                           gaussian_ll_grad(gv, v[0], v[1], v[2], o[0], o[1], o[2]);
+                         });
+      }
       return;
     }
-    map_row<T, 3, 3>({recon, x, s}, i, cols, g, out,
-                     [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
-                       gaussian_ll_grad(gv, v[0], v[1], v[2], o[0], o[1], o[2]);
-                     });
+    if (kind == Likelihood::kBernoulli) {
+      map_row_add<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, {add[0], add[1]},
+                           [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
+                             bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
+                           });
+      return;
+    }
+    map_row_add<T, 3, 3>({r, x, s}, i, cols, g, out, add,
+                         [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
+                           gaussian_ll_grad(gv, v[0], v[1], v[2], o[0], o[1], o[2]);
+                         });
+  }
+};
+
+// log p(z) - log q(z | x) of one row of sample k (the latent part of the IWAE
+// log-weight), z [K, B, Dz], q = N(mu, e^lv), p = N(0, I) or N(pmu, e^plv).
+template <class T>
+struct LogPQTerm {
+  using A = acc_t<T>;
+  using Vec = at::vec::Vectorized<A>;
+  Samples<T> z;
+  Operand<T> mu, lv, pmu, plv;
+  bool has_prior;
+  int64_t cols;
+
+  LogPQTerm(const at::Tensor& z_, const at::Tensor& mu_, const at::Tensor& lv_, const std::optional<at::Tensor>& pmu_,
+            const std::optional<at::Tensor>& plv_)
+      : z(samples<T>(z_)), mu(operand<T>(mu_)), lv(operand<T>(lv_)), has_prior(pmu_.has_value()),
+        cols(mu_.size(1)) {
+    if (has_prior) {
+      pmu = operand<T>(*pmu_);
+      plv = operand<T>(*plv_);
+    }
+  }
+
+  double forward(int64_t i, int64_t k) const {
+    const Operand<T> zk = z.sample(k);
+    if (!has_prior)
+      return reduce_row<T, 3>({zk, mu, lv}, i, cols,
+                              [](const std::array<Vec, 3>& v) { return log_pq_std(v[0], v[1], v[2]); });
+    return reduce_row<T, 5>({zk, mu, lv, pmu, plv}, i, cols, [](const std::array<Vec, 5>& v) {
+      return log_pq_normal(v[0], v[1], v[2], v[3], v[4]);
+    });
+  }
+
+  // out = {dz, dmu, dlv, dpmu, dplv} rows, add = accumulation-typed rows summing an output instead.
+  void backward(int64_t i, int64_t k, A g, const std::array<T*, 5>& out, const std::array<A*, 5>& add) const {
+    const Operand<T> zk = z.sample(k);
+    if (!has_prior) {
+      map_row_add<T, 3, 3>({zk, mu, lv}, i, cols, g, {out[0], out[1], out[2]}, {add[0], add[1], add[2]},
+                           [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
+                             log_pq_std_grad(gv, v[0], v[1], v[2], o[0], o[1], o[2]);
+                           });
+      return;
+    }
+    map_row_add<T, 5, 5>({zk, mu, lv, pmu, plv}, i, cols, g, out, add,
+                         [](const Vec& gv, const std::array<Vec, 5>& v, std::array<Vec, 5>& o) {
+                           log_pq_normal_grad(gv, v[0], v[1], v[2], v[3], v[4], o[0], o[1], o[2], o[3], o[4]);
+                         });
   }
 };
 

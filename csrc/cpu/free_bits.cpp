@@ -1,0 +1,175 @@
+// KL with free bits on the CPU (Kingma et al. 2016), over KLTerm's operands and
+// the per-element KL of fastelbo_math.h (kl_std / kl_normal):
+//   kl_dims[j] = (1/B) sum_b KL[b, j]                                  pass 1: column sums
+//   kl[b]      = sum_j (kl_dims[j] >= free_bits ? KL[b, j] : free_bits)  pass 2: rows
+// Pass 1 sums in one accumulation-typed partial per row block (RowBlocks, added
+// in block order: deterministic for a thread count). Pass 2 reads the 0/1 mask of
+// active dimensions as one more [1, Dz] operand; inactive dimensions select 0
+// (never 0 * KL: an infinite KL there must not turn into NaN) and add
+// (#inactive) * free_bits once per row. Backward (the reference's torch.where):
+//   dX[b, j] = grad[b] * [kl_dims[j] >= free_bits] * dKL[b, j]/dX
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "terms.h"
+
+namespace fastelbo {
+namespace cpu {
+namespace {
+
+void check_free_bits(double free_bits) {
+  TORCH_CHECK(!std::isnan(free_bits) && free_bits >= 0.0, "fastelbo: free_bits must be >= 0 (nats), got ",
+              free_bits);
+}
+
+// The [1, Dz] 0/1 mask of dimensions at or above the floor (exact in every dtype).
+template <class T, class A>
+at::Tensor active_mask(const A* kl_dims, int64_t stride, int64_t dz, double free_bits, const at::Tensor& like,
+                       int64_t& inactive) {
+  auto mask = at::empty({1, dz}, like.options().memory_format(at::MemoryFormat::Contiguous));
+  T* pm = mask.data_ptr<T>();
+  inactive = 0;
+  for (int64_t j = 0; j < dz; ++j) {
+    const bool on = static_cast<double>(kl_dims[j * stride]) >= free_bits;
+    pm[j] = static_cast<T>(on ? 1.0f : 0.0f);
+    inactive += on ? 0 : 1;
+  }
+  return mask;
+}
+
+template <class Vec>
+inline Vec where_active(const Vec& m, const Vec& v) {
+  return Vec::blendv(Vec(typename Vec::value_type(0)), v, m != Vec(typename Vec::value_type(0)));
+}
+
+// The KL of one row restricted to the active mask, and its gradient.
+template <class T>
+struct FreeBitsTerm {
+  using A = acc_t<T>;
+  using Vec = at::vec::Vectorized<A>;
+  const KLTerm<T>& kl;
+  Operand<T> mask;
+
+  // Per-element KL of row i added into sum[0, Dz) (pass 1).
+  void add_elements(int64_t i, A* sum) const {
+    if (!kl.has_prior) {
+      map_row_add<T, 2, 1>({kl.mu, kl.lv}, i, kl.cols, A(1), {nullptr}, {sum},
+                           [](const Vec&, const std::array<Vec, 2>& v, std::array<Vec, 1>& o) {
+                             o[0] = kl_std(v[0], v[1]);
+                           });
+      return;
+    }
+    map_row_add<T, 4, 1>({kl.mu, kl.lv, kl.pmu, kl.plv}, i, kl.cols, A(1), {nullptr}, {sum},
+                         [](const Vec&, const std::array<Vec, 4>& v, std::array<Vec, 1>& o) {
+                           o[0] = kl_normal(v[0], v[1], v[2], v[3]);
+                         });
+  }
+
+  // sum_j active_j * KL[i, j] (pass 2; the floor of inactive dimensions added by the caller).
+  double forward(int64_t i) const {
+    if (!kl.has_prior)
+      return reduce_row<T, 3>({kl.mu, kl.lv, mask}, i, kl.cols,
+                              [](const std::array<Vec, 3>& v) { return where_active(v[2], kl_std(v[0], v[1])); });
+    return reduce_row<T, 5>({kl.mu, kl.lv, kl.pmu, kl.plv, mask}, i, kl.cols, [](const std::array<Vec, 5>& v) {
+      return where_active(v[4], kl_normal(v[0], v[1], v[2], v[3]));
+    });
+  }
+
+  // out = {dmu, dlv, dpmu, dplv} rows (nullptr: not wanted).
+  void backward(int64_t i, A g, const std::array<T*, 4>& out) const {
+    if (!kl.has_prior) {
+      map_row<T, 3, 2>({kl.mu, kl.lv, mask}, i, kl.cols, g, {out[0], out[1]},
+                       [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 2>& o) {
+                         kl_std_grad(gv, v[0], v[1], o[0], o[1]);
+                         for (auto& t : o) t = where_active(v[2], t);
+                       });
+      return;
+    }
+    map_row<T, 5, 4>({kl.mu, kl.lv, kl.pmu, kl.plv, mask}, i, kl.cols, g, out,
+                     [](const Vec& gv, const std::array<Vec, 5>& v, std::array<Vec, 4>& o) {
+                       kl_normal_grad(gv, v[0], v[1], v[2], v[3], o[0], o[1], o[2], o[3]);
+                       for (auto& t : o) t = where_active(v[4], t);
+                     });
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> free_bits_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                    const std::optional<at::Tensor>& prior_mu,
+                                                    const std::optional<at::Tensor>& prior_logvar, double free_bits) {
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
+  check_free_bits(free_bits);
+  const int64_t B = mu.size(0), Dz = mu.size(1);
+  auto kl = row_result(mu);
+  auto kl_dims = at::empty({Dz}, mu.options().dtype(mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
+                                     .memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_free_bits_kl_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);
+    // Pass 1: kl_dims = column means of KL[b, j] (NaN for B = 0, as torch.mean).
+    const RowBlocks blocks = row_blocks(B, row_grain(Dz));
+    RowBuffers<A> parts(true, blocks.parts, Dz);
+    FreeBitsTerm<scalar_t> term{div, {}};
+    parallel_blocks(blocks, [&](int64_t p, int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) term.add_elements(i, parts.row(p));
+    });
+    A* pd = kl_dims.data_ptr<A>();
+    sum_blocks<A>(parts, blocks.parts, pd);
+    for (int64_t j = 0; j < Dz; ++j) pd[j] = pd[j] / static_cast<A>(B);
+    // Pass 2: the rows.
+    int64_t inactive = 0;
+    const at::Tensor mask = active_mask<scalar_t>(pd, 1, Dz, free_bits, mu, inactive);
+    term.mask = operand<scalar_t>(mask);
+    const double floor = static_cast<double>(inactive) * free_bits;
+    scalar_t* out = kl.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(Dz), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) out[i] = static_cast<scalar_t>(term.forward(i) + floor);
+    });
+  });
+  return {kl, kl_dims};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> free_bits_kl_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& kl_dims, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar, double free_bits,
+    std::array<bool, 4> output_mask) {
+  check_kl_args(mu, logvar, prior_mu, prior_logvar);
+  check_row_grad(grad, "grad", mu);
+  check_free_bits(free_bits);
+  const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(kl_dims.dim() == 1 && kl_dims.size(0) == mu.size(1), "fastelbo: kl_dims must have shape [",
+              mu.size(1), "], got ", kl_dims.sizes());
+  TORCH_CHECK(kl_dims.scalar_type() == acc, "fastelbo: kl_dims must have dtype ", acc, ", got ",
+              kl_dims.scalar_type());
+  const bool has_prior = prior_mu.has_value();
+  std::array<at::Tensor, 4> d = {grad_or_empty(output_mask[0], mu), grad_or_empty(output_mask[1], mu),
+                                 grad_or_empty(output_mask[2] && has_prior, mu),
+                                 grad_or_empty(output_mask[3] && has_prior, mu)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_free_bits_kl_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);
+    int64_t inactive = 0;
+    const at::Tensor mask =
+        active_mask<scalar_t>(kl_dims.const_data_ptr<A>(), kl_dims.stride(0), mu.size(1), free_bits, mu, inactive);
+    const FreeBitsTerm<scalar_t> term{div, operand<scalar_t>(mask)};
+    const auto g = row_scalar<scalar_t>(grad);
+    at::parallel_for(0, mu.size(0), row_grain(div.cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        term.backward(i, g[i],
+                      {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[2], i),
+                       row_ptr<scalar_t>(d[3], i)});
+    });
+  });
+  return {d[0], d[1], d[2], d[3]};
+}
+
+TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {
+  m.impl("free_bits_kl", &free_bits_kl_cpu);
+  m.impl("free_bits_kl_backward", &free_bits_kl_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastelbo
