@@ -164,11 +164,16 @@ FASTELBO_HD double from_acc<double>(double v) {
 // time (unit column stride, 16-byte aligned base and row stride), decided once
 // per launch on the host.
 // ---------------------------------------------------------------------------
+// A [K, rows, cols] operand (K samples: recon, z, their noise) is the same with
+// sk, the stride between samples: sample(k) is sample k's [rows, cols] operand
+// (sk = 0 for a [rows, cols] operand shared by the samples, e.g. x beside recon).
 template <class T>
 struct Mat {
   const T* p;
   int64_t s0, s1;
   bool vec;
+  int64_t sk = 0;
+  FASTELBO_DEVICE Mat sample(int64_t k) const { return Mat{p + k * sk, s0, s1, vec, 0}; }
 };
 
 // A [rows] vector of per-row scalars (upstream gradients); p == nullptr reads 0.
@@ -278,11 +283,11 @@ inline int pow2_ceil(int64_t x) {
   return p;
 }
 
-// The host's decision for Mat::vec.
+// The host's decision for Mat::vec (sk: the stride between samples, 0 for one).
 template <class T>
-bool vectorizable(const void* p, int64_t s0, int64_t s1) {
+bool vectorizable(const void* p, int64_t s0, int64_t s1, int64_t sk = 0) {
   return p != nullptr && s1 == 1 && reinterpret_cast<uintptr_t>(p) % 16 == 0 &&
-         (s0 * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+         (s0 * static_cast<int64_t>(sizeof(T))) % 16 == 0 && (sk * static_cast<int64_t>(sizeof(T))) % 16 == 0;
 }
 
 }  // namespace cuda

@@ -1,9 +1,12 @@
-// Reparameterized sample on the GPU (DESIGN §1 row 1, noise per §2):
-//   forward   z = mu + e^(lv/2) * eps
-//   backward  dlv = g * e^(lv/2) * eps / 2, deps = g * e^(lv/2)  (dmu = g needs no kernel)
-// Both are map_kernel jobs; eps is the caller's tensor or the Philox normals of
-// logical elements i * cols + j, regenerated in the backward (nothing [B, Dz]
-// is saved). The seed is read from device memory by every thread (cached).
+// Reparameterized sample on the GPU (DESIGN §1 row 1, noise per §2), K >= 1 samples:
+//   forward   z[k] = mu + e^(lv/2) * eps[k]
+//   backward  dlv = sum_k g[k] * e^(lv/2) * eps[k] / 2, deps[k] = g[k] * e^(lv/2)
+//             (dmu = sum_k g[k] needs no kernel)
+// Both are map_kernel jobs over the [B, Dz] chunks of mu, each looping over the
+// samples (mu and lv read once; dlv summed in registers). eps is the caller's
+// tensor or the Philox normals of logical elements (k * B + i) * Dz + j,
+// regenerated in the backward (nothing [K, B, Dz] is saved). The seed is read
+// from device memory by every thread (cached).
 #include "terms.h"
 
 namespace fastelbo {
@@ -11,56 +14,62 @@ namespace cuda {
 namespace {
 
 template <class T>
-FASTELBO_DEVICE void eps_chunk(const Mat<T>& eps, const int64_t* seed, int64_t cols, int64_t i, int64_t j, int n,
-                               acc_t<T> (&e)[kChunkElems<T>]) {
+FASTELBO_DEVICE void eps_chunk(const Mat<T>& eps, const int64_t* seed, int64_t rows, int64_t cols, int64_t k,
+                               int64_t i, int64_t j, int n, acc_t<T> (&e)[kChunkElems<T>]) {
   if (eps.p) {
-    load_chunk(eps, i, j, n, e);
+    load_chunk(eps.sample(k), i, j, n, e);
   } else {
-    noise_chunk(static_cast<uint64_t>(*seed), static_cast<uint64_t>(i * cols + j), e);
+    noise_chunk(static_cast<uint64_t>(*seed), static_cast<uint64_t>((k * rows + i) * cols + j), e);
   }
 }
 
 template <class T>
 struct RsampleJob {
-  int64_t rows, cols;
+  int64_t rows, cols, samples;
   Mat<T> mu, lv, eps;
   const int64_t* seed;
-  Out<T> z;
+  Out<T> z;  // [samples, rows, cols]
   FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
     A m[N], l[N], e[N];
     load_chunk(mu, i, j, n, m);
     load_chunk(lv, i, j, n, l);
-    eps_chunk(eps, seed, cols, i, j, n, e);
+    for (int64_t k = 0; k < samples; ++k) {
+      eps_chunk(eps, seed, rows, cols, k, i, j, n, e);
 #pragma unroll
-    for (int k = 0; k < N; ++k) m[k] = reparam(m[k], l[k], e[k]);
-    store_chunk(z.at(i, j, cols), n, z.vec, m);
+      for (int q = 0; q < N; ++q) e[q] = reparam(m[q], l[q], e[q]);
+      store_chunk(z.at(k * rows + i, j, cols), n, z.vec, e);
+    }
   }
 };
 
 template <class T>
 struct RsampleGradJob {
-  int64_t rows, cols;
+  int64_t rows, cols, samples;
   Mat<T> grad_z, lv, eps;
   const int64_t* seed;
-  Out<T> dlv, deps;
+  Out<T> dlv, deps;  // dlv [rows, cols], deps [samples, rows, cols]
   FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
-    A g[N], l[N], e[N];
-    load_chunk(grad_z, i, j, n, g);
+    A g[N], l[N], e[N], sl[N];
     load_chunk(lv, i, j, n, l);
-    eps_chunk(eps, seed, cols, i, j, n, e);
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      A a, b;
-      reparam_grad(g[k], l[k], e[k], a, b);
-      l[k] = a;
-      e[k] = b;
+    for (int q = 0; q < N; ++q) sl[q] = A(0);
+    for (int64_t k = 0; k < samples; ++k) {
+      load_chunk(grad_z.sample(k), i, j, n, g);
+      eps_chunk(eps, seed, rows, cols, k, i, j, n, e);
+#pragma unroll
+      for (int q = 0; q < N; ++q) {
+        A a, b;
+        reparam_grad(g[q], l[q], e[q], a, b);
+        sl[q] += a;
+        e[q] = b;
+      }
+      if (deps.p) store_chunk(deps.at(k * rows + i, j, cols), n, deps.vec, e);
     }
-    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, l);
-    if (deps.p) store_chunk(deps.at(i, j, cols), n, deps.vec, e);
+    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, sl);
   }
 };
 
@@ -87,22 +96,23 @@ FASTELBO_GLOBAL void FASTELBO_BOUNDS(256) philox_noise_kernel(const int64_t* see
 
 }  // namespace
 
-void rsample_forward(DType dtype, int64_t rows, int64_t cols, MatArg mu, MatArg logvar, MatArg eps,
+void rsample_forward(DType dtype, int64_t samples, int64_t rows, int64_t cols, MatArg mu, MatArg logvar, MatArg eps,
                      const int64_t* seed, void* z, int num_sms, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const RsampleJob<T> job{rows, cols, mat<T>(mu), mat<T>(logvar), mat<T>(eps), seed, out<T>(z, cols)};
+    const RsampleJob<T> job{rows,        cols, samples, mat<T>(mu), mat<T>(logvar), mat<T>(eps),
+                            seed,        out<T>(z, cols)};
     launch_map(job, kChunkElems<T>, num_sms, stream);
   });
 }
 
-void rsample_backward(DType dtype, int64_t rows, int64_t cols, MatArg grad_z, MatArg logvar, MatArg eps,
-                      const int64_t* seed, void* dlogvar, void* deps, int num_sms, cudaStream_t stream) {
+void rsample_backward(DType dtype, int64_t samples, int64_t rows, int64_t cols, MatArg grad_z, MatArg logvar,
+                      MatArg eps, const int64_t* seed, void* dlogvar, void* deps, int num_sms, cudaStream_t stream) {
   if (!dlogvar && !deps) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const RsampleGradJob<T> job{rows,          cols, mat<T>(grad_z),       mat<T>(logvar), mat<T>(eps),
-                                seed,          out<T>(dlogvar, cols), out<T>(deps, cols)};
+    const RsampleGradJob<T> job{rows, cols, samples, mat<T>(grad_z), mat<T>(logvar), mat<T>(eps),
+                                seed, out<T>(dlogvar, cols), out<T>(deps, cols)};
     launch_map(job, kChunkElems<T>, num_sms, stream);
   });
 }

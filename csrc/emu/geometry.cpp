@@ -42,4 +42,16 @@ void fastelbo_emu_map_plan(int64_t rows, int64_t cols, int chunk, int64_t* out) 
   out[2] = fastelbo::cuda::kMapThreads;
 }
 
+// col_shape() (col_map_kernel: column sums of a [1, cols] gradient, free bits' kl_dims):
+// out = {grid, lanes_c (chunk columns per block), lanes_r (row lanes), tiles, slabs, tasks}.
+void fastelbo_emu_col_plan(int64_t rows, int64_t cols, int chunk, int64_t* out) {
+  const fastelbo::cuda::ColShape s = fastelbo::cuda::col_shape(rows, cols, chunk, fastelbo_emu_sms());
+  out[0] = s.grid;
+  out[1] = s.lanes_c;
+  out[2] = s.lanes_r;
+  out[3] = s.tiles;
+  out[4] = s.slabs;
+  out[5] = s.tasks;
+}
+
 }  // extern "C"

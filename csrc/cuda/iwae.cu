@@ -1,0 +1,178 @@
+// The importance-weighted bound on the GPU (DESIGN §1 row 7; Burda et al. 2016),
+// K samples z [K, B, Dz] and their decodings recon [K, B, Dx]:
+//   log w[k, b] = log p(x_b | recon_kb) + sum_j (log p(z_kbj) - log q(z_kbj | x_b))
+//   bound[b]    = m + log sum_k e^(log w[k, b] - m) - log K,  m = max_k log w[k, b]
+// Forward: one reduce_kernel launch over the K * B logical rows (k, b) (both
+// terms of a row: the likelihood's [recon, x] row and the latent [z, mu, logvar]
+// row; x, mu, logvar of row b shared by the samples), whose epilogue writes
+// log_weights [K, B] (accumulation type), then logmeanexp_kernel, one thread
+// per b reading its K log-weights (stable for log-weights of +-1e4: every
+// exponent is <= 0; m = +-inf gives m, NaN propagates, as torch.logsumexp).
+// Backward, with c[k, b] = dL/dlog w[k, b] (the autograd glue forms it from the
+// saved log-weights: softmax_k * grad_bound):
+//   drecon[k, b] = c * dll/drecon,  dx[b] = sum_k c * dll/dx,  d obs_logvar summed as the ELBO's
+//   dz[k, b] = c * d(log p - log q)/dz,  dmu, dlogvar, dprior_* [b] = sum_k c * d(log p - log q)/d.
+// one map_kernel launch: the likelihood job and the latent job (LogPQGrad), each
+// over [B, D] chunks looping over the samples (sums over k in registers).
+#include "terms.h"
+
+namespace fastelbo {
+namespace cuda {
+namespace {
+
+// Term of logical row r = k * B + b of a per-sample term (BernoulliTerm,
+// GaussianTerm, LogPQTerm: sum(b, j, n, k, k + 1)).
+template <class T, class Term>
+struct SampleRow {
+  int64_t cols;
+  Term term;
+  int64_t rows;  // B
+  bool narrow;   // K * B < 2^32: a 32-bit division
+  FASTELBO_DEVICE acc_t<T> operator()(int64_t r, int64_t j, int n) const {
+    int64_t k, b;
+    if (narrow) {
+      const uint32_t q = static_cast<uint32_t>(r) / static_cast<uint32_t>(rows);
+      k = q;
+      b = r - static_cast<int64_t>(q) * rows;
+    } else {
+      k = r / rows;
+      b = r - k * rows;
+    }
+    return term.sum(b, j, n, k, k + 1);
+  }
+};
+
+template <class T>
+struct LogWeightEpilogue {
+  acc_t<T>* log_weights;
+  FASTELBO_DEVICE void operator()(int64_t r, acc_t<T> ll, acc_t<T> lpq) const { log_weights[r] = ll + lpq; }
+};
+
+template <class T>
+FASTELBO_GLOBAL void FASTELBO_BOUNDS(256) logmeanexp_kernel(const acc_t<T>* lw, int64_t samples, int64_t rows,
+                                                            T* bound) {
+  using A = acc_t<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < rows; b += stride) {
+    A m = A(0), nan = A(0);
+    bool any = false, has_nan = false;
+    for (int64_t k = 0; k < samples; ++k) {
+      const A v = lw[k * rows + b];
+      if (v != v) {
+        has_nan = true;
+        nan = v;
+      } else if (!any || v > m) {
+        m = v;
+        any = true;
+      }
+    }
+    A r;
+    if (has_nan) {
+      r = nan;
+    } else if (!(m - m == A(0))) {  // +-inf: the bound is m (torch.logsumexp)
+      r = m;
+    } else {
+      A s = A(0);
+      for (int64_t k = 0; k < samples; ++k) s += Math<A>::exp(lw[k * rows + b] - m);
+      r = m + Math<A>::log(s) - Math<A>::log(static_cast<A>(samples));
+    }
+    bound[b] = from_acc<T>(r);
+  }
+}
+
+template <class T, class LikTerm>
+void forward_latent(const LikTerm& lik, const IwaeArgs& a, MatArg z, void* bound, void* log_weights,
+                    void* workspace, int num_sms, cudaStream_t stream) {
+  const int64_t rows = a.samples * a.rows;
+  const bool narrow = rows < (int64_t(1) << 32);
+  const ReduceShape sh = reduce_shape(rows, a.cols_x, a.cols_z, kChunkElems<T>, num_sms);
+  const LogWeightEpilogue<T> epi{static_cast<acc_t<T>*>(log_weights)};
+  const SampleRow<T, LikTerm> ta{a.cols_x, lik, a.rows, narrow};
+  if (a.prior_mu.data) {
+    const LogPQTerm<T, true> lpq{a.cols_z, mat<T>(z), mat<T>(a.mu), mat<T>(a.logvar), mat<T>(a.prior_mu),
+                                 mat<T>(a.prior_logvar)};
+    launch_reduce<T>(ta, SampleRow<T, LogPQTerm<T, true>>{a.cols_z, lpq, a.rows, narrow}, epi, sh, workspace,
+                     stream);
+  } else {
+    const LogPQTerm<T, false> lpq{a.cols_z, mat<T>(z), mat<T>(a.mu), mat<T>(a.logvar), Mat<T>{}, Mat<T>{}};
+    launch_reduce<T>(ta, SampleRow<T, LogPQTerm<T, false>>{a.cols_z, lpq, a.rows, narrow}, epi, sh, workspace,
+                     stream);
+  }
+  const int64_t blocks = ceil_div(a.rows, 256);
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  const auto kernel = &logmeanexp_kernel<T>;
+  FASTELBO_LAUNCH(kernel, grid, 256, 0, stream, static_cast<const acc_t<T>*>(log_weights), a.samples, a.rows,
+                  static_cast<T*>(bound));
+}
+
+// The likelihood job with the latent job: one map_kernel launch (or, for a summed
+// [1, Dx] obs_logvar gradient, col_map_kernel for the likelihood job first).
+template <class T, class LikJob>
+void backward_latent(const LikJob& lik, bool sum_rows, const IwaeArgs& a, MatArg z, const WeightGrad<T>& g,
+                     void* dz, void* dmu, void* dlogvar, void* dobs_logvar, void* dprior_mu, void* dprior_logvar,
+                     void* workspace, int num_sms, cudaStream_t stream) {
+  constexpr int N = kChunkElems<T>;
+  const int64_t c = a.cols_z;
+  auto run = [&](const auto& latent) {
+    if (sum_rows) {
+      launch_col_map<T>(lik, col_shape(a.rows, a.cols_x, N, num_sms), workspace, static_cast<T*>(dobs_logvar), 1,
+                        acc_t<T>(1), stream);
+      launch_map(NoJob{}, N, num_sms, stream, latent);
+    } else {
+      launch_map(lik, N, num_sms, stream, latent);
+    }
+  };
+  if (a.prior_mu.data) {
+    run(LogPQGrad<T, true>{a.rows,          c,           a.samples,      g,          mat<T>(z),
+                           mat<T>(a.mu),    mat<T>(a.logvar), mat<T>(a.prior_mu), mat<T>(a.prior_logvar),
+                           out<T>(dz, c),   out<T>(dmu, c), out<T>(dlogvar, c), out<T>(dprior_mu, c),
+                           out<T>(dprior_logvar, c)});
+  } else {
+    run(LogPQGrad<T, false>{a.rows,        c,       a.samples, g, mat<T>(z), mat<T>(a.mu), mat<T>(a.logvar), Mat<T>{},
+                            Mat<T>{},      out<T>(dz, c), out<T>(dmu, c), out<T>(dlogvar, c), Out<T>{nullptr, false},
+                            Out<T>{nullptr, false}});
+  }
+}
+
+}  // namespace
+
+void iwae_forward(DType dtype, const IwaeArgs& a, MatArg z, void* bound, void* log_weights, void* workspace,
+                  int num_sms, cudaStream_t stream) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.likelihood == LikelihoodKind::kGaussian) {
+      const GaussianTerm<T> lik{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar)};
+      forward_latent<T>(lik, a, z, bound, log_weights, workspace, num_sms, stream);
+    } else {
+      const BernoulliTerm<T> lik{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), a.x_out_of_range};
+      forward_latent<T>(lik, a, z, bound, log_weights, workspace, num_sms, stream);
+    }
+  });
+}
+
+void iwae_backward(DType dtype, const IwaeArgs& a, MatArg z, MatArg grad_log_weights, void* dx, void* drecon,
+                   void* dz, void* dmu, void* dlogvar, void* dobs_logvar, void* dprior_mu, void* dprior_logvar,
+                   void* workspace, int num_sms, cudaStream_t stream) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const WeightGrad<T> g{static_cast<const acc_t<T>*>(grad_log_weights.data), grad_log_weights.s0,
+                          grad_log_weights.s1};
+    const int64_t c = a.cols_x;
+    if (a.likelihood == LikelihoodKind::kGaussian) {
+      const bool sum_rows = a.obs_logvar_shared && dobs_logvar;
+      const GaussianGrad<T, WeightGrad<T>> lik{a.rows,        c,           a.samples,           g,
+                                               mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar), out<T>(drecon, c),
+                                               out<T>(dx, c), out<T>(sum_rows ? nullptr : dobs_logvar, c)};
+      backward_latent<T>(lik, sum_rows, a, z, g, dz, dmu, dlogvar, dobs_logvar, dprior_mu, dprior_logvar, workspace,
+                         num_sms, stream);
+    } else {
+      const BernoulliGrad<T, WeightGrad<T>> lik{a.rows,      c,           a.samples,         g, mat<T>(a.recon),
+                                                mat<T>(a.x), out<T>(drecon, c), out<T>(dx, c)};
+      backward_latent<T>(lik, false, a, z, g, dz, dmu, dlogvar, dobs_logvar, dprior_mu, dprior_logvar, workspace,
+                         num_sms, stream);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastelbo
