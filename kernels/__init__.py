@@ -4,6 +4,9 @@
     kl.py        Gaussian KL to N(0, I) or a diagonal Gaussian prior
     loglik.py    Bernoulli and Gaussian log-likelihood
     elbo.py      the fused ELBO: log-likelihood over Dx and KL over Dz, one launch each way
+                 (recon [B, Dx] or K samples [K, B, Dx])
+    iwae.py      the importance-weighted bound: log-weights [K, B] and their log-sum-exp
+    free_bits.py KL with free bits: per-dimension batch means, then the floored rows
     _tiles.py    tile sizes, autotuning, launch helpers and shared @triton.jit helpers
 
 each registered as ``fastelbo::triton_<op>`` / ``fastelbo::triton_<op>_backward``
@@ -23,13 +26,11 @@ import torch
 
 from fastelbo import _autocast, _ops
 
-from . import _tiles, elbo, kl, loglik, rsample  # noqa: F401  (defines and registers the ops)
+from . import _tiles, elbo, free_bits, iwae, kl, loglik, rsample  # noqa: F401  (defines and registers the ops)
 
 INTERPRET = _tiles.INTERPRET
 
-_FAMILIES = ("rsample", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo")
-
-for _family in _FAMILIES:
+for _family in _ops.FAMILIES:
     _ops.register_autograd(f"fastelbo::triton_{_family}", _family,
                            getattr(torch.ops.fastelbo, f"triton_{_family}_backward"))
     _autocast.register(f"fastelbo::triton_{_family}")  # float32 inside torch.autocast, as the C++ ops
@@ -37,7 +38,7 @@ for _family in _FAMILIES:
 # The op namespace of the "triton" backend: same names and signatures as torch.ops.fastelbo.
 OPS = SimpleNamespace(**{
     name: getattr(torch.ops.fastelbo, f"triton_{name}")
-    for family in _FAMILIES for name in (family, family + "_backward")
+    for family in _ops.FAMILIES for name in (family, family + "_backward")
 })
 
 # Every @triton.jit kernel (for build checks): name -> JITFunction.
@@ -50,4 +51,9 @@ KERNELS = {
     "loglik_bwd": loglik._loglik_bwd_kernel,
     "elbo_fwd": elbo._elbo_fwd_kernel,
     "elbo_bwd": elbo._elbo_bwd_kernel,
+    "iwae_fwd": iwae._iwae_fwd_kernel,
+    "iwae_bwd": iwae._iwae_bwd_kernel,
+    "free_bits_cols": free_bits._free_bits_cols_kernel,
+    "free_bits_fwd": free_bits._free_bits_fwd_kernel,
+    "free_bits_bwd": free_bits._free_bits_bwd_kernel,
 }

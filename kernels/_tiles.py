@@ -40,6 +40,11 @@ GPU_MAX_BLOCK = 2048
 INTERPRET_MAX_BLOCK = 65536
 INTERPRET_TILE = 16384  # elements of a [ROWS, BLOCK] tile under the interpreter
 INTERPRET_FLAT_BLOCK = 65536  # elements per program of the flat (rsample) kernels
+# Reductions of a [1, D] gradient over rows (kernels/loglik.py, elbo.py, iwae.py, the column sums
+# of free_bits.py): per-slot partials [slots, D] in the accumulation type, then one sum over slots.
+SLOT_ROWS = 8  # at least this many rows per slot: the partials stay a few rows, never [B, D]
+GPU_REDUCE_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs), slots x column chunks
+INTERPRET_REDUCE_PROGRAMS = 2  # two slots: the interpreter walks the multi-slot path too
 
 
 def block_for(cols: int) -> int:
@@ -145,6 +150,33 @@ def launch_rows(kernel, tuned, rows: int, args: tuple, block: int, **constexprs)
     wrap_triton(tuned)[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **constexprs)
 
 
+def reduce_slots(rows: int, chunks: int) -> int:
+    """Row slots of a backward that reduces a [1, D] gradient over rows (launch_rows_2d `slots`):
+    each slot's programs take every slots-th row tile and leave one partial row, so the partials are
+    [slots, D] -- a few rows, never [B, D]: at least SLOT_ROWS rows per slot, and about
+    REDUCE_PROGRAMS programs in all (slots x column chunks)."""
+    target = INTERPRET_REDUCE_PROGRAMS if INTERPRET else GPU_REDUCE_PROGRAMS
+    return max(1, min(triton.cdiv(max(int(rows), 1), SLOT_ROWS), triton.cdiv(target, max(int(chunks), 1))))
+
+
+def launch_rows_2d(kernel, tuned, rows: int, cols: int, args: tuple, block: int, col_block: int,
+                   slots: int | None = None, **constexprs) -> None:
+    """Runs a backward [ROWS, BLOCK] kernel on a 2-D grid: axis 1 the column chunks of `col_block`
+    columns (cdiv(cols, col_block)), axis 0 the row tiles (cdiv(rows, ROWS)), or `slots` programs
+    that each loop over every slots-th row tile (when a [1, D] gradient is reduced over rows:
+    the kernel walks range(program_id(0), cdiv(B, ROWS), num_programs(0)) either way)."""
+    if rows == 0:
+        return
+    chunks = triton.cdiv(max(int(cols), 1), col_block)
+    if INTERPRET:
+        if _interpreter_tracing(args):
+            return
+        r = interpreter_rows(rows, block)
+        kernel[(slots or triton.cdiv(rows, r), chunks)](*args, ROWS=r, **constexprs)
+        return
+    wrap_triton(tuned)[lambda meta: (slots or triton.cdiv(rows, meta["ROWS"]), chunks)](*args, **constexprs)
+
+
 def launch_flat(kernel, tuned, n: int, args: tuple, **constexprs) -> None:
     """Runs a flat kernel over n logical elements (blocks of BLOCK, a multiple of 4)."""
     if n == 0:
@@ -172,6 +204,45 @@ def check_like(a: torch.Tensor, an: str, b: torch.Tensor | None, bn: str) -> Non
                  f"got {tuple(b.shape)}")
     torch._check(b.dtype == a.dtype, lambda: f"fastelbo: {bn} must have dtype {a.dtype}, got {b.dtype}")
     torch._check(b.device == a.device, lambda: f"fastelbo: {bn} must be on {a.device}, got {b.device}")
+
+
+def check_samples(t: torch.Tensor | None, name: str, like: torch.Tensor, like_name: str) -> None:
+    """t (when given) is [K, B, D] over a [B, D] operand `like`: same (B, D), dtype and device."""
+    if t is None:
+        return
+    torch._check(t.dim() == 3 and tuple(t.shape[1:]) == tuple(like.shape), lambda: (
+        f"fastelbo: {name} must be [K, B, D] with [B, D] = {like_name}'s {tuple(like.shape)}, got {tuple(t.shape)}"))
+    torch._check(t.dtype == like.dtype, lambda: f"fastelbo: {name} must have dtype {like.dtype}, got {t.dtype}")
+    torch._check(t.device == like.device, lambda: f"fastelbo: {name} must be on {like.device}, got {t.device}")
+
+
+def check_obs_logvar(s: torch.Tensor | None, name: str, x: torch.Tensor) -> None:
+    """An observation log-variance: [1, D] (one per feature, broadcast over rows) or [B, D] (per row)
+    for x [B, D]; x's dtype and device."""
+    if s is None:
+        return
+    B, D = x.shape
+    torch._check(s.dim() == 2 and s.shape[1] == D and s.shape[0] in (1, B), lambda: (
+        f"fastelbo: {name} must be [1, {D}] (per feature) or [{B}, {D}] (per row), got {tuple(s.shape)}"))
+    torch._check(s.dtype == x.dtype, lambda: f"fastelbo: {name} must have dtype {x.dtype}, got {s.dtype}")
+    torch._check(s.device == x.device, lambda: f"fastelbo: {name} must be on {x.device}, got {s.device}")
+
+
+def reduces_rows(s: torch.Tensor | None, rows: int) -> bool:
+    """Whether the gradient of a [1, D] / [B, D] operand is a reduction over rows (a [1, D] one, B > 1)."""
+    return s is not None and s.shape[0] == 1 and rows > 1
+
+
+def bcast_strides(s: torch.Tensor | None) -> tuple[int, int]:
+    """Strides of a [1, D] / [B, D] operand read as [B, D]: row stride 0 for a [1, D] one."""
+    if s is None:
+        return 0, 0
+    return (0 if s.shape[0] == 1 else s.stride(0)), s.stride(1)
+
+
+def row_partials(s: torch.Tensor, slots: int) -> torch.Tensor:
+    """The [slots, D] per-slot partial sums of a reduction over rows, in the accumulation type."""
+    return s.new_empty((slots, s.shape[1]), dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
 
 
 def check_row_grad(g: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
@@ -257,6 +328,29 @@ def load_tile(ptr, rows, cols, s0, s1, mask, FP64: tl.constexpr):
 
 
 @triton.jit
+def load_prior(pmu_ptr, plv_ptr, rows, cols, s_pm0, s_pm1, s_pl0, s_pl1, mask, mu, lv,
+               HAS_PRIOR: tl.constexpr, FP64: tl.constexpr):
+    """(pmu, plv) tiles of the prior N(pmu, e^plv); without a prior (N(0, 1)) nothing is read and
+    the given tiles (mu, lv) stand in: the latent math below never reads them then."""
+    if HAS_PRIOR:
+        return (load_tile(pmu_ptr, rows, cols, s_pm0, s_pm1, mask, FP64),
+                load_tile(plv_ptr, rows, cols, s_pl0, s_pl1, mask, FP64))
+    else:
+        return mu, lv
+
+
+@triton.jit
+def load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols,
+                         s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1, mask,
+                         HAS_PRIOR: tl.constexpr, FP64: tl.constexpr):
+    """(mu, lv, pmu, plv) tiles of q = N(mu, e^lv) and of the prior (load_prior), upcast."""
+    mu = load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
+    lv = load_tile(lv_ptr, rows, cols, s_l0, s_l1, mask, FP64)
+    pmu, plv = load_prior(pmu_ptr, plv_ptr, rows, cols, s_pm0, s_pm1, s_pl0, s_pl1, mask, mu, lv, HAS_PRIOR, FP64)
+    return mu, lv, pmu, plv
+
+
+@triton.jit
 def store_tile(ptr, rows, cols, D, value, mask):
     """Stores a [ROWS, BLOCK] tile into a contiguous [B, D] result (rounded to its dtype)."""
     offs = rows[:, None] * D + cols[None, :]
@@ -282,19 +376,6 @@ def box_muller(u0, u1):
 
 
 @triton.jit
-def normals(seed, groups, FP64: tl.constexpr):
-    """eps of the 4 * G logical elements of counter groups `groups` ([G], int64, consecutive),
-    flat and in element order: lane l of group g is element 4g + l (DESIGN §2). Uniforms are
-    exact float32 (tl.rand4x); Box-Muller runs in the accumulation type, so for float32 this
-    is tl.randn4x."""
-    u0, u1, u2, u3 = tl.rand4x(seed, groups)
-    n0, n1 = box_muller(acc(u0, FP64), acc(u1, FP64))
-    n2, n3 = box_muller(acc(u2, FP64), acc(u3, FP64))
-    # join appends the last dim: [G, 2, 2] with [g, i, k] = lane 2i + k, flattened row-major.
-    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (4 * groups.shape[0], ))
-
-
-@triton.jit
 def log1p_unit(t, FP64: tl.constexpr):
     """log1p(t) for t = e^-|l| in (0, 1] (fastelbo_math.h log1p_unit): the 7-term atanh series of
     log1p_unit_series in single precision; in double, log(1 + t) * t / ((1 + t) - 1), accurate to
@@ -314,3 +395,115 @@ def log1p_unit(t, FP64: tl.constexpr):
         p = p * w + 1.0 / 3
         p = p * w + 1.0
         return 2.0 * s * p
+
+
+@triton.jit
+def _normal_lanes(seed, groups, FP64: tl.constexpr):
+    """The four normals (lanes 0-3) of counter groups `groups`: Box-Muller on lanes (0, 1) and (2, 3)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, groups)
+    n0, n1 = box_muller(acc(u0, FP64), acc(u1, FP64))
+    n2, n3 = box_muller(acc(u2, FP64), acc(u3, FP64))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _flat_lanes(n0, n1, n2, n3):
+    """[G] x 4 lanes -> [4G] in element order (lane l of group g is element 4g + l)."""
+    # join appends the last dim: [G, 2, 2] with [g, i, k] = lane 2i + k, flattened row-major.
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (4 * n0.shape[0], ))
+
+
+@triton.jit
+def normals(seed, groups, FP64: tl.constexpr):
+    """eps of the 4 * G logical elements of counter groups `groups` ([G], int64, consecutive),
+    flat and in element order: lane l of group g is element 4g + l (DESIGN §2). Uniforms are
+    exact float32 (tl.rand4x); Box-Muller runs in the accumulation type, so for float32 this
+    is tl.randn4x."""
+    n0, n1, n2, n3 = _normal_lanes(seed, groups, FP64)
+    return _flat_lanes(n0, n1, n2, n3)
+
+
+@triton.jit
+def normals_at(seed, n0, G: tl.constexpr, FP64: tl.constexpr):
+    """eps of the 4 * G consecutive logical elements n0, n0 + 1, ... (n0 an int64 scalar, any
+    alignment), flat. Aligned (n0 % 4 == 0): normals(). Otherwise element 4g + l is lane (l + o) % 4
+    of group g0 + g + (l + o) // 4 (o = n0 % 4): the groups g0 + g and g0 + g + 1 are both drawn
+    and each lane picks its word -- twice the Philox work, only for unaligned starts (rsample's
+    backward over K samples of a [B, D] with B * D % 4 != 0)."""
+    g0 = n0 // 4
+    o = n0 - g0 * 4
+    groups = g0 + tl.arange(0, G).to(tl.int64)
+    a0, a1, a2, a3 = _normal_lanes(seed, groups, FP64)
+    if o == 0:
+        eps = _flat_lanes(a0, a1, a2, a3)
+    else:
+        b0, b1, b2, b3 = _normal_lanes(seed, groups + 1, FP64)
+        # element lanes l = 0..3 take word l + o of (a0, a1, a2, a3, b0, b1, b2, b3), o in {1, 2, 3}
+        e0 = tl.where(o == 1, a1, tl.where(o == 2, a2, a3))
+        e1 = tl.where(o == 1, a2, tl.where(o == 2, a3, b0))
+        e2 = tl.where(o == 1, a3, tl.where(o == 2, b0, b1))
+        e3 = tl.where(o == 1, b0, tl.where(o == 2, b1, b2))
+        eps = _flat_lanes(e0, e1, e2, e3)
+    return eps
+
+
+# ---------------------------------------------------------------------------
+# Per-element latent math (fastelbo_math.h kl_std, kl_normal, log_pq_std, log_pq_normal and their _grad):
+# q = N(mu, e^lv), p = N(pmu, e^plv) or N(0, 1) without a prior (pmu, plv then unread: pass any tile).
+# ---------------------------------------------------------------------------
+@triton.jit
+def kl_element(mu, lv, pmu, plv, HAS_PRIOR: tl.constexpr):
+    """KL(q || p) of one latent element:
+        0.5 (e^lv + mu^2 - 1 - lv)                              (kl_std)
+        0.5 (plv - lv + e^(lv - plv) + (mu - pmu)^2 e^-plv - 1)  (kl_normal)"""
+    if HAS_PRIOR:
+        d = mu - pmu
+        return 0.5 * (plv - lv + (tl.exp(lv - plv) + d * d * tl.exp(-plv)) - 1.0)
+    else:
+        return 0.5 * (tl.exp(lv) + mu * mu - 1.0 - lv)
+
+
+@triton.jit
+def kl_element_grad(mu, lv, pmu, plv, HAS_PRIOR: tl.constexpr):
+    """(dmu, dlv, dpmu, dplv) of kl_element (kl_std_grad / kl_normal_grad):
+        dmu = mu, dlv = (e^lv - 1) / 2                                       (no prior; dpmu, dplv = 0)
+        dmu = (mu - pmu) e^-plv = -dpmu, dlv = (e^(lv - plv) - 1) / 2,
+        dplv = (1 - e^(lv - plv) - (mu - pmu)^2 e^-plv) / 2
+    Unused results cost nothing (the compiler drops them and their loads)."""
+    if HAS_PRIOR:
+        var_ratio = tl.exp(lv - plv)
+        d = mu - pmu
+        inv_pvar = tl.exp(-plv)
+        dmu = d * inv_pvar
+        return dmu, 0.5 * (var_ratio - 1.0), 0.0 - dmu, 0.5 * (1.0 - var_ratio - d * d * inv_pvar)
+    else:
+        return mu, 0.5 * (tl.exp(lv) - 1.0), 0.0 * mu, 0.0 * mu
+
+
+@triton.jit
+def log_pq_element(z, mu, lv, pmu, plv, HAS_PRIOR: tl.constexpr):
+    """log p(z) - log q(z | x) of one latent element (the -0.5 log 2pi terms cancel exactly):
+        0.5 (lv - plv) + 0.5 (z - mu)^2 e^-lv - 0.5 (z - pmu)^2 e^-plv    (pmu = plv = 0 without a prior)"""
+    a = z - mu
+    q = a * a * tl.exp(-lv)
+    if HAS_PRIOR:
+        c = z - pmu
+        return 0.5 * (lv - plv) + 0.5 * q - 0.5 * (c * c * tl.exp(-plv))
+    else:
+        return 0.5 * lv + 0.5 * q - 0.5 * (z * z)
+
+
+@triton.jit
+def log_pq_element_grad(z, mu, lv, pmu, plv, HAS_PRIOR: tl.constexpr):
+    """(dz, dmu, dlv, dpmu, dplv) of log_pq_element, with wq = (z - mu) e^-lv, wp = (z - pmu) e^-plv:
+        dz = wq - wp, dmu = -wq, dlv = (1 - (z - mu) wq) / 2, dpmu = wp, dplv = ((z - pmu) wp - 1) / 2"""
+    a = z - mu
+    wq = a * tl.exp(-lv)
+    if HAS_PRIOR:
+        c = z - pmu
+        wp = c * tl.exp(-plv)
+        dplv = 0.5 * (c * wp - 1.0)
+    else:
+        wp = z
+        dplv = 0.0 * z
+    return wq - wp, 0.0 - wq, 0.5 * (1.0 - a * wq), wp, dplv

@@ -1,10 +1,12 @@
-"""Gaussian KL of q = N(mu, e^lv) to N(0, I) or to N(pmu, e^plv) (DESIGN §1 rows 2-3), Triton:
+"""Gaussian KL of q = N(mu, e^lv) to N(0, I) or to N(pmu, e^plv) (DESIGN §1 rows 2-3), Triton
+(the per-element formulas: _tiles.kl_element / kl_element_grad):
     forward   0.5 * sum(e^lv + mu^2 - 1 - lv)                                 (fastelbo_math.h kl_std)
               0.5 * sum(plv - lv + e^(lv - plv) + (mu - pmu)^2 e^-plv - 1)    (kl_normal)
     backward  dmu = g mu, dlv = g (e^lv - 1) / 2                               (kl_std_grad)
               dmu = g (mu - pmu) e^-plv = -dpmu, dlv = g (e^(lv - plv) - 1) / 2,
               dplv = g (1 - e^(lv - plv) - (mu - pmu)^2 e^-plv) / 2            (kl_normal_grad)
-Tiles of [ROWS, BLOCK]; the row helpers are shared with the fused ELBO (kernels/elbo.py).
+Tiles of [ROWS, BLOCK]; the row helpers are shared with the fused ELBO (kernels/elbo.py) and free
+bits (kernels/free_bits.py).
 """
 
 from __future__ import annotations
@@ -29,17 +31,34 @@ def kl_rows(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, row_mask, D,
     for j0 in range(0, D, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
-        lv = T.load_tile(lv_ptr, rows, cols, s_l0, s_l1, mask, FP64)
-        if HAS_PRIOR:
-            pmu = T.load_tile(pmu_ptr, rows, cols, s_pm0, s_pm1, mask, FP64)
-            plv = T.load_tile(plv_ptr, rows, cols, s_pl0, s_pl1, mask, FP64)
-            d = mu - pmu
-            term = 0.5 * (plv - lv + (tl.exp(lv - plv) + d * d * tl.exp(-plv)) - 1.0)
-        else:
-            term = 0.5 * (tl.exp(lv) + mu * mu - 1.0 - lv)
-        total += tl.where(mask, term, 0.0)
+        mu, lv, pmu, plv = T.load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols, s_m0, s_m1, s_l0, s_l1,
+                                                  s_pm0, s_pm1, s_pl0, s_pl1, mask, HAS_PRIOR, FP64)
+        total += tl.where(mask, T.kl_element(mu, lv, pmu, plv, HAS_PRIOR), 0.0)
     return tl.sum(total, axis=1)
+
+
+@triton.jit
+def kl_grad_tile(gg, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, rows, cols, mask, D,
+                 s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+                 HAS_PRIOR: tl.constexpr, WANT_MU: tl.constexpr, WANT_LV: tl.constexpr, WANT_PMU: tl.constexpr,
+                 WANT_PLV: tl.constexpr, FP64: tl.constexpr):
+    """Writes the wanted KL gradients of one [ROWS, BLOCK] tile, gg the upstream gradient
+    ([ROWS, 1] per row, or [ROWS, BLOCK]: free bits masks columns). Reads only what they need."""
+    lv = T.load_tile(lv_ptr, rows, cols, s_l0, s_l1, mask, FP64)
+    pmu, plv = T.load_prior(pmu_ptr, plv_ptr, rows, cols, s_pm0, s_pm1, s_pl0, s_pl1, mask, lv, lv, HAS_PRIOR, FP64)
+    if WANT_MU or (HAS_PRIOR and (WANT_PMU or WANT_PLV)):
+        mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
+    else:
+        mu = lv  # not read by the wanted gradients
+    dmu, dlv, dpmu, dplv = T.kl_element_grad(mu, lv, pmu, plv, HAS_PRIOR)
+    if WANT_MU:
+        T.store_tile(dmu_ptr, rows, cols, D, gg * dmu, mask)
+    if WANT_LV:
+        T.store_tile(dlv_ptr, rows, cols, D, gg * dlv, mask)
+    if WANT_PMU:
+        T.store_tile(dpmu_ptr, rows, cols, D, gg * dpmu, mask)
+    if WANT_PLV:
+        T.store_tile(dplv_ptr, rows, cols, D, gg * dplv, mask)
 
 
 @triton.jit
@@ -48,34 +67,12 @@ def kl_grad_rows(g, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_ptr
                  HAS_PRIOR: tl.constexpr, WANT_MU: tl.constexpr, WANT_LV: tl.constexpr, WANT_PMU: tl.constexpr,
                  WANT_PLV: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     """Writes the wanted KL gradients of the tile's rows, g ([ROWS]) the upstream gradient."""
-    gg = g[:, None]
     for j0 in range(0, D, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        lv = T.load_tile(lv_ptr, rows, cols, s_l0, s_l1, mask, FP64)
-        if HAS_PRIOR:
-            plv = T.load_tile(plv_ptr, rows, cols, s_pl0, s_pl1, mask, FP64)
-            var_ratio = tl.exp(lv - plv)
-            if WANT_LV:
-                T.store_tile(dlv_ptr, rows, cols, D, gg * 0.5 * (var_ratio - 1.0), mask)
-            if WANT_MU or WANT_PMU or WANT_PLV:
-                mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
-                pmu = T.load_tile(pmu_ptr, rows, cols, s_pm0, s_pm1, mask, FP64)
-                d = mu - pmu
-                inv_pvar = tl.exp(-plv)
-                dmu = gg * d * inv_pvar
-                if WANT_MU:
-                    T.store_tile(dmu_ptr, rows, cols, D, dmu, mask)
-                if WANT_PMU:
-                    T.store_tile(dpmu_ptr, rows, cols, D, 0.0 - dmu, mask)
-                if WANT_PLV:
-                    T.store_tile(dplv_ptr, rows, cols, D, gg * 0.5 * (1.0 - var_ratio - d * d * inv_pvar), mask)
-        else:
-            if WANT_MU:
-                mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
-                T.store_tile(dmu_ptr, rows, cols, D, gg * mu, mask)
-            if WANT_LV:
-                T.store_tile(dlv_ptr, rows, cols, D, gg * 0.5 * (tl.exp(lv) - 1.0), mask)
+        kl_grad_tile(g[:, None], mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, rows, cols,
+                     mask, D, s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1, HAS_PRIOR, WANT_MU, WANT_LV,
+                     WANT_PMU, WANT_PLV, FP64)
 
 
 # ---------------------------------------------------------------------------
@@ -143,6 +140,21 @@ def kl_operands(mu, logvar, prior_mu, prior_logvar):
             (*T.strides(mu), *T.strides(logvar), *T.strides(prior_mu), *T.strides(prior_logvar)))
 
 
+def kl_grads(mu, prior_mu, output_mask):
+    """The wanted latent gradients (mu, logvar, prior_mu, prior_logvar; the prior's only with a
+    prior): the flags and the fresh (or empty) results, as kl_grad_rows writes them."""
+    has_prior = prior_mu is not None
+    want = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and has_prior,
+            bool(output_mask[3]) and has_prior]
+    return want, [T.grad_or_empty(w, mu) for w in want]
+
+
+def kl_flags(prior_mu, want_mu, want_lv, want_pmu, want_plv):
+    """The HAS_PRIOR and WANT_* constexprs of kl_grad_rows / kl_grad_tile / log_pq_grad_rows."""
+    return dict(HAS_PRIOR=int(prior_mu is not None), WANT_MU=int(want_mu), WANT_LV=int(want_lv),
+                WANT_PMU=int(want_pmu), WANT_PLV=int(want_plv))
+
+
 def kl_fwd(mu, logvar, prior_mu, prior_logvar):
     check_kl_args(mu, logvar, prior_mu, prior_logvar)
     B, D = mu.shape
@@ -157,17 +169,13 @@ def kl_fwd(mu, logvar, prior_mu, prior_logvar):
 def kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
     check_kl_args(mu, logvar, prior_mu, prior_logvar)
     T.check_row_grad(grad, "grad", mu)
-    has_prior = prior_mu is not None
-    want = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and has_prior,
-            bool(output_mask[3]) and has_prior]
-    d = [T.grad_or_empty(w, mu) for w in want]
+    want, d = kl_grads(mu, prior_mu, output_mask)
     B, D = mu.shape
     if any(want):
         ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
         block = T.block_for(D)
         T.launch_rows(_kl_bwd_kernel, _kl_bwd_tuned, B, (grad, *ptrs, *d, B, D, grad.stride(0), *strides), block,
-                      HAS_PRIOR=int(has_prior), WANT_MU=int(want[0]), WANT_LV=int(want[1]), WANT_PMU=int(want[2]),
-                      WANT_PLV=int(want[3]), FP64=T.fp64(mu), BLOCK=block)
+                      **kl_flags(prior_mu, *want), FP64=T.fp64(mu), BLOCK=block)
     return tuple(d)
 
 

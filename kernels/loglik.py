@@ -2,11 +2,14 @@
     Bernoulli, logits l, x in [0, 1], t = e^-|l|   (fastelbo_math.h bernoulli_ll / bernoulli_ll_grad)
         forward   sum(x l - softplus(l)) = -sum((1 - x) l + max(-l, 0) + log1p(t))
         backward  dl = g (x - sigmoid(l)), sigmoid(l) = 1/(1+t) for l >= 0, t/(1+t) otherwise;  dx = g l
-    Gaussian, mean m, log-variance s (any broadcast: strides)  (gaussian_ll / gaussian_ll_grad)
+    Gaussian, mean m, log-variance s   (gaussian_ll / gaussian_ll_grad)
         forward   -0.5 sum(log 2pi + s + (x - m)^2 e^-s)
         backward  w = (x - m) e^-s: dm = g w, dx = -dm, ds = -g (1 - (x - m) w) / 2
-        (ds is per element: autograd sums it over the dimensions s was expanded along)
-Tiles of [ROWS, BLOCK]; the row helpers are shared with the fused ELBO (kernels/elbo.py).
+s is [B, D] (per row) or [1, D] (per feature, read with row stride 0): the [1, D] gradient is
+reduced over rows inside the backward, per-slot partials [slots, D] then one sum (no [B, D]).
+The row helpers take K samples of recon ([K, B, D], x [B, D] shared: the fused ELBO and IWAE
+bound, kernels/elbo.py and iwae.py); here K = 1. Forward: tiles of [ROWS, BLOCK], each program
+loops over column chunks. Backward: a 2-D grid, (row tiles or slots) x column chunks.
 """
 
 from __future__ import annotations
@@ -22,69 +25,113 @@ LOG_2PI = tl.constexpr(1.8378770664093453)  # log(2 pi)
 
 
 # ---------------------------------------------------------------------------
-# Row helpers (also used by the fused ELBO kernels)
+# Row helpers (also used by the fused ELBO and IWAE kernels)
 # ---------------------------------------------------------------------------
 @triton.jit
-def loglik_rows(r_ptr, x_ptr, s_ptr, rows, row_mask, D, s_r0, s_r1, s_x0, s_x1, s_s0, s_s1,
+def loglik_rows(r_ptr, x_ptr, s_ptr, rows, row_mask, D, K, s_rk, s_r0, s_r1, s_x0, s_x1, s_s0, s_s1,
                 GAUSSIAN: tl.constexpr, VALIDATE: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """log p(x | recon) of each row of the tile, [ROWS], in the accumulation type, and (VALIDATE)
-    whether the row has an x outside [0, 1] ([ROWS] int32; NaN passes, as in the C++ kernels)."""
+    """sum_k log p(x | recon[k]) of each row of the tile (K samples of recon, k stride s_rk), [ROWS], in
+    the accumulation type, and (VALIDATE) whether the row has an x outside [0, 1] ([ROWS] int32; NaN
+    passes, as in the C++ kernels)."""
     total = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
     bad = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     for j0 in range(0, D, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        r = T.load_tile(r_ptr, rows, cols, s_r0, s_r1, mask, FP64)
         x = T.load_tile(x_ptr, rows, cols, s_x0, s_x1, mask, FP64)
         if GAUSSIAN:
             s = T.load_tile(s_ptr, rows, cols, s_s0, s_s1, mask, FP64)
-            d = x - r
-            term = -0.5 * (LOG_2PI + s + d * d * tl.exp(0.0 - s))
-        else:
-            # In torch's binary_cross_entropy_with_logits form (fastelbo_math.h bernoulli_ll): exact for
-            # confident binary targets, the reference's NaN/inf for infinite logits.
-            t = tl.exp(0.0 - tl.abs(r))
-            neg = 0.0 - r
-            term = 0.0 - ((1.0 - x) * r + tl.where(neg < 0.0, 0.0, neg) + T.log1p_unit(t, FP64))
-            if VALIDATE:
-                bad = tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, bad)
-        total += tl.where(mask, term, 0.0)
+            inv_var = tl.exp(0.0 - s)
+        elif VALIDATE:
+            bad = tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, bad)
+        for k in range(K):
+            r = T.load_tile(r_ptr + tl.full([], k, tl.int64) * s_rk, rows, cols, s_r0, s_r1, mask, FP64)
+            if GAUSSIAN:
+                d = x - r
+                term = -0.5 * (LOG_2PI + s + d * d * inv_var)
+            else:
+                # In torch's binary_cross_entropy_with_logits form (fastelbo_math.h bernoulli_ll): exact for
+                # confident binary targets, the reference's NaN/inf for infinite logits.
+                t = tl.exp(0.0 - tl.abs(r))
+                neg = 0.0 - r
+                term = 0.0 - ((1.0 - x) * r + tl.where(neg < 0.0, 0.0, neg) + T.log1p_unit(t, FP64))
+            total += tl.where(mask, term, 0.0)
     return tl.sum(total, axis=1), tl.max(bad, axis=1)
 
 
 @triton.jit
-def loglik_grad_rows(g, r_ptr, x_ptr, s_ptr, dr_ptr, dx_ptr, ds_ptr, rows, row_mask, D,
-                     s_r0, s_r1, s_x0, s_x1, s_s0, s_s1,
-                     GAUSSIAN: tl.constexpr, WANT_R: tl.constexpr, WANT_X: tl.constexpr, WANT_S: tl.constexpr,
-                     FP64: tl.constexpr, BLOCK: tl.constexpr):
-    """Writes the wanted gradients (recon, x, s) of the tile's rows, g ([ROWS]) the upstream gradient."""
-    gg = g[:, None]
+def outside_unit_rows(x_ptr, rows, row_mask, D, s_x0, s_x1, FP64: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Whether each row of the tile has an x outside [0, 1] ([ROWS] int32; NaN passes): loglik_rows'
+    VALIDATE as a pass of its own (the IWAE forward checks x once, not once per sample)."""
+    bad = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     for j0 in range(0, D, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        r = T.load_tile(r_ptr, rows, cols, s_r0, s_r1, mask, FP64)
-        if GAUSSIAN:
+        x = T.load_tile(x_ptr, rows, cols, s_x0, s_x1, mask, FP64)
+        bad = tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, bad)
+    return tl.max(bad, axis=1)
+
+
+@triton.jit
+def loglik_grad_cols(cols, ga_ptr, gb_ptr, s_ga, s_gb, c_ptr, s_ck, s_cb,
+                     r_ptr, x_ptr, s_ptr, dr_ptr, dx_ptr, ds_ptr, part_ptr,
+                     B, D, K, s_rk, s_r0, s_r1, s_x0, s_x1, s_s0, s_s1,
+                     GAUSSIAN: tl.constexpr, HAS_GA: tl.constexpr, HAS_GB: tl.constexpr, PER_K: tl.constexpr,
+                     WANT_R: tl.constexpr, WANT_X: tl.constexpr, WANT_S: tl.constexpr, REDUCE_S: tl.constexpr,
+                     FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Writes the wanted gradients of the log-likelihood terms of column chunk `cols`, for the row
+    tiles program_id(0), + num_programs(0), ...; sample k of row b has the upstream gradient
+    c[k, b] (PER_K, strides s_ck, s_cb) or (ga[b] + gb[b]) / K. drecon [K, B, D] per sample;
+    dx [B, D] and ds summed over k; ds stored per row, or (REDUCE_S, s [1, D]) summed over the
+    program's rows too into part[program_id(0), cols] (the caller sums the slots)."""
+    col_mask = cols < D
+    s_acc = T.acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)
+    for t in range(tl.program_id(0), tl.cdiv(B, ROWS), tl.num_programs(0)):
+        rows = T.row_ids(tl.full([], t, tl.int64), ROWS)
+        row_mask = rows < B
+        mask = row_mask[:, None] & col_mask[None, :]
+        if not PER_K:
+            g = (T.load_row_scalar(ga_ptr, rows, s_ga, row_mask, HAS_GA, FP64)
+                 + T.load_row_scalar(gb_ptr, rows, s_gb, row_mask, HAS_GB, FP64)) / K
+        if GAUSSIAN or WANT_R:
             x = T.load_tile(x_ptr, rows, cols, s_x0, s_x1, mask, FP64)
-            s = T.load_tile(s_ptr, rows, cols, s_s0, s_s1, mask, FP64)
-            d = x - r
-            w = d * tl.exp(0.0 - s)
-            dm = gg * w
-            if WANT_R:
-                T.store_tile(dr_ptr, rows, cols, D, dm, mask)
-            if WANT_X:
-                T.store_tile(dx_ptr, rows, cols, D, 0.0 - dm, mask)
-            if WANT_S:
-                T.store_tile(ds_ptr, rows, cols, D, gg * -0.5 * (1.0 - d * w), mask)
-        else:
-            if WANT_R:
-                x = T.load_tile(x_ptr, rows, cols, s_x0, s_x1, mask, FP64)
-                t = tl.exp(0.0 - tl.abs(r))
-                q = 1.0 / (1.0 + t)
-                sig = tl.where(r >= 0.0, q, t * q)
-                T.store_tile(dr_ptr, rows, cols, D, gg * (x - sig), mask)
-            if WANT_X:
-                T.store_tile(dx_ptr, rows, cols, D, gg * r, mask)
+        if GAUSSIAN:
+            inv_var = tl.exp(0.0 - T.load_tile(s_ptr, rows, cols, s_s0, s_s1, mask, FP64))
+        dx = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        ds = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        for k in range(K):
+            kk = tl.full([], k, tl.int64)
+            if PER_K:
+                gg = T.load_row_scalar(c_ptr + kk * s_ck, rows, s_cb, row_mask, True, FP64)[:, None]
+            else:
+                gg = g[:, None]
+            r = T.load_tile(r_ptr + kk * s_rk, rows, cols, s_r0, s_r1, mask, FP64)
+            if GAUSSIAN:
+                d = x - r
+                w = d * inv_var
+                dm = gg * w
+                if WANT_R:
+                    T.store_tile(dr_ptr + kk * B * D, rows, cols, D, dm, mask)
+                dx -= dm
+                ds += gg * -0.5 * (1.0 - d * w)
+            else:
+                if WANT_R:
+                    t_ = tl.exp(0.0 - tl.abs(r))
+                    q = 1.0 / (1.0 + t_)
+                    sig = tl.where(r >= 0.0, q, t_ * q)
+                    T.store_tile(dr_ptr + kk * B * D, rows, cols, D, gg * (x - sig), mask)
+                dx += gg * r
+        if WANT_X:
+            T.store_tile(dx_ptr, rows, cols, D, dx, mask)
+        if WANT_S:
+            if REDUCE_S:
+                s_acc += tl.sum(tl.where(mask, ds, 0.0), axis=0)
+            else:
+                T.store_tile(ds_ptr, rows, cols, D, ds, mask)
+    if WANT_S and REDUCE_S:
+        tl.store(part_ptr + tl.program_id(0).to(tl.int64) * D + cols, s_acc, mask=col_mask)
 
 
 # ---------------------------------------------------------------------------
@@ -94,7 +141,7 @@ def loglik_grad_rows(g, r_ptr, x_ptr, s_ptr, dr_ptr, dx_ptr, ds_ptr, rows, row_m
 def _loglik_fwd_kernel(
     r_ptr,  # [B, D] recon: Bernoulli logits or Gaussian mean, strides (s_r0, s_r1)
     x_ptr,  # [B, D] data, strides (s_x0, s_x1)
-    s_ptr,  # [B, D] Gaussian log-variance (expanded: strides 0 where broadcast), read when GAUSSIAN
+    s_ptr,  # [B, D] / [1, D] Gaussian log-variance (s_s0 = 0 for [1, D]), read when GAUSSIAN
     ll_ptr,  # [B] out
     bad_ptr,  # [B] int8 out: x of the row outside [0, 1]; written when VALIDATE
     B, D,
@@ -104,8 +151,8 @@ def _loglik_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = T.row_ids(pid, ROWS)
     row_mask = rows < B
-    ll, bad = loglik_rows(r_ptr, x_ptr, s_ptr, rows, row_mask, D, s_r0, s_r1, s_x0, s_x1, s_s0, s_s1, GAUSSIAN,
-                          VALIDATE, FP64, ROWS, BLOCK)
+    ll, bad = loglik_rows(r_ptr, x_ptr, s_ptr, rows, row_mask, D, 1, 0, s_r0, s_r1, s_x0, s_x1, s_s0, s_s1,
+                          GAUSSIAN, VALIDATE, FP64, ROWS, BLOCK)
     tl.store(ll_ptr + rows, ll.to(ll_ptr.dtype.element_ty), mask=row_mask)
     if VALIDATE:
         tl.store(bad_ptr + rows, bad.to(tl.int8), mask=row_mask)
@@ -116,19 +163,19 @@ def _loglik_bwd_kernel(
     g_ptr,  # [B] upstream gradient, stride s_g (0: expanded)
     r_ptr,  # [B, D] recon: logits or mean, strides (s_r0, s_r1)
     x_ptr,  # [B, D] data, strides (s_x0, s_x1)
-    s_ptr,  # [B, D] Gaussian log-variance (expanded), read when GAUSSIAN
-    dr_ptr, dx_ptr, ds_ptr,  # [B, D] out, contiguous, written when WANT_*
+    s_ptr,  # [B, D] / [1, D] Gaussian log-variance (s_s0 = 0 for [1, D]), read when GAUSSIAN
+    dr_ptr, dx_ptr,  # [B, D] out, contiguous, written when WANT_*
+    ds_ptr,  # [B, D] out, contiguous, written when WANT_S and not REDUCE_S
+    part_ptr,  # [slots, D] out, accumulation type: per-slot row sums of ds, written when WANT_S and REDUCE_S
     B, D, s_g,
     s_r0, s_r1, s_x0, s_x1, s_s0, s_s1,
     GAUSSIAN: tl.constexpr, WANT_R: tl.constexpr, WANT_X: tl.constexpr, WANT_S: tl.constexpr,
-    FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCE_S: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = T.row_ids(pid, ROWS)
-    row_mask = rows < B
-    g = T.load_row_scalar(g_ptr, rows, s_g, row_mask, True, FP64)
-    loglik_grad_rows(g, r_ptr, x_ptr, s_ptr, dr_ptr, dx_ptr, ds_ptr, rows, row_mask, D, s_r0, s_r1, s_x0, s_x1,
-                     s_s0, s_s1, GAUSSIAN, WANT_R, WANT_X, WANT_S, FP64, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    loglik_grad_cols(cols, g_ptr, g_ptr, s_g, 0, g_ptr, 0, 0, r_ptr, x_ptr, s_ptr, dr_ptr, dx_ptr, ds_ptr,
+                     part_ptr, B, D, 1, 0, s_r0, s_r1, s_x0, s_x1, s_s0, s_s1, GAUSSIAN, True, False, False,
+                     WANT_R, WANT_X, WANT_S, REDUCE_S, FP64, ROWS, BLOCK)
 
 
 _loglik_fwd_tuned = T.row_autotune(_loglik_fwd_kernel, key=["D"])
@@ -139,8 +186,29 @@ _loglik_bwd_tuned = T.row_autotune(_loglik_bwd_kernel, key=["D"])
 # Host launchers
 # ---------------------------------------------------------------------------
 def loglik_operands(recon, x, s):
-    """Pointer and stride arguments of loglik_rows / loglik_grad_rows."""
-    return (recon, x, T.or_dummy(s, recon)), (*T.strides(recon), *T.strides(x), *T.strides(s))
+    """Pointer and stride arguments of loglik_rows / loglik_grad_cols (recon [B, D]: k stride
+    separate; s [1, D] read with row stride 0)."""
+    return (recon, x, T.or_dummy(s, recon)), (*recon.stride()[-2:], *T.strides(x), *T.bcast_strides(s))
+
+
+def reduce_obs_logvar(part, s):
+    """The [1, D] gradient of s from the per-slot partials: one sum over the slots, in s's dtype."""
+    return part.sum(0, keepdim=True).to(s.dtype)
+
+
+def obs_logvar_grad(want, s, rows, chunks, like):
+    """(ds: s's shape or empty, partials [slots, D] or empty, slots or None) for the gradient of s
+    (want: asked for and s given); `like` gives the empty tensors their dtype and device."""
+    if want and T.reduces_rows(s, rows):
+        slots = T.reduce_slots(rows, chunks)
+        return like.new_empty(0), T.row_partials(s, slots), slots
+    return (s.new_empty(s.shape) if want else like.new_empty(0)), like.new_empty(0), None
+
+
+def loglik_flags(gaussian, want_r, want_x, want_s, slots):
+    """The GAUSSIAN, WANT_R/X/S and REDUCE_S constexprs of loglik_grad_cols (slots: obs_logvar_grad's)."""
+    return dict(GAUSSIAN=int(gaussian), WANT_R=int(want_r), WANT_X=int(want_x), WANT_S=int(want_s),
+                REDUCE_S=int(slots is not None))
 
 
 def loglik_fwd(recon, x, s, validate_x=False):
@@ -157,17 +225,22 @@ def loglik_fwd(recon, x, s, validate_x=False):
 
 
 def loglik_bwd(grad, recon, x, s, want):
-    """Gradients (recon, x, s) for want = three bools (s: Gaussian only)."""
+    """Gradients (recon, x, s) for want = three bools (s: Gaussian only; its gradient in s's shape)."""
     T.check_row_grad(grad, "grad", recon)
-    d = [T.grad_or_empty(w, recon) for w in want]
+    dr, dx = (T.grad_or_empty(w, recon) for w in want[:2])
     B, D = recon.shape
-    if any(want):
+    block = T.block_for(D)
+    ds, part, slots = obs_logvar_grad(want[2] and s is not None, s, B, triton.cdiv(max(D, 1), block), recon)
+    if any(want) and B > 0:
         ptrs, strides = loglik_operands(recon, x, s)
-        block = T.block_for(D)
-        T.launch_rows(_loglik_bwd_kernel, _loglik_bwd_tuned, B, (grad, *ptrs, *d, B, D, grad.stride(0), *strides),
-                      block, GAUSSIAN=int(s is not None), WANT_R=int(want[0]), WANT_X=int(want[1]),
-                      WANT_S=int(want[2]), FP64=T.fp64(recon), BLOCK=block)
-    return d
+        T.launch_rows_2d(_loglik_bwd_kernel, _loglik_bwd_tuned, B, D,
+                         (grad, *ptrs, dr, dx, ds, part, B, D, grad.stride(0), *strides), block, block, slots,
+                         **loglik_flags(s is not None, *want, slots), FP64=T.fp64(recon), BLOCK=block)
+        if slots is not None:
+            ds = reduce_obs_logvar(part, s)
+    elif want[2]:
+        ds.zero_()  # no rows: an empty sum
+    return [dr, dx, ds]
 
 
 # ---------------------------------------------------------------------------
@@ -193,7 +266,7 @@ def triton_bernoulli_log_prob_backward(grad: torch.Tensor, logits: torch.Tensor,
 @T.opaque_under_interpreter("fastelbo::triton_gaussian_log_prob")
 def triton_gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     T.check_like(mean, "mean", x, "x")
-    T.check_like(mean, "mean", logvar, "logvar")
+    T.check_obs_logvar(logvar, "logvar", mean)
     return loglik_fwd(mean, x, logvar)
 
 
@@ -202,6 +275,6 @@ def triton_gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar: torch.
 def triton_gaussian_log_prob_backward(grad: torch.Tensor, mean: torch.Tensor, x: torch.Tensor, logvar: torch.Tensor,
                                       output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T.check_like(mean, "mean", x, "x")
-    T.check_like(mean, "mean", logvar, "logvar")
+    T.check_obs_logvar(logvar, "logvar", mean)
     d = loglik_bwd(grad, mean, x, logvar, [bool(m) for m in output_mask])
     return d[0], d[1], d[2]

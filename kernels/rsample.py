@@ -1,11 +1,15 @@
 """Reparameterized sample (DESIGN §1 row 1, noise per §2), Triton:
-    forward   z = mu + e^(lv/2) * eps                 (fastelbo_math.h reparam)
-    backward  deps = g * e^(lv/2), dlv = deps * eps / 2 (fastelbo_math.h reparam_grad; dmu = g needs no kernel)
-eps is Philox4x32-10 of (seed, n // 4), lane n % 4, for logical element n of the
-row-major [B, D] tensor, regenerated in the backward: nothing [B, D] is saved.
-Both kernels are flat: each program takes BLOCK consecutive logical elements
-(a multiple of 4, so every counter group lies in one program) and maps them to
-(row, column) for strided operands.
+    forward   z[k] = mu + e^(lv/2) * eps[k]                  (fastelbo_math.h reparam)
+    backward  deps[k] = g[k] * e^(lv/2), dlv = sum_k deps[k] * eps[k] / 2
+                                                             (reparam_grad; dmu = sum_k g[k] needs no kernel)
+z is [B, D] (num_samples = 0) or [K, B, D] (num_samples = K). eps is Philox4x32-10 of
+(seed, n // 4), lane n % 4, for logical element n = (k * B + b) * D + j of the row-major
+[K, B, D] tensor (K = 1 gives the [B, D] stream), regenerated in the backward: nothing
+[K, B, D] is saved. Both kernels are flat: the forward takes BLOCK consecutive logical
+elements of [K, B, D] per program (a multiple of 4, so every counter group lies in one
+program); the backward takes BLOCK elements of [B, D] and loops over the K samples,
+summing dlv in registers (sample k's elements start at k * B * D, aligned to a counter
+group only when B * D % 4 == 0: _tiles.normals_at).
 """
 
 from __future__ import annotations
@@ -37,64 +41,92 @@ def _element_offsets(n, start, D, s0, s1, DENSE: tl.constexpr):
 
 
 @triton.jit
-def _eps_block(n, start, D, eps_ptr, s_e0, s_e1, seed_ptr, pid, mask, HAS_EPS: tl.constexpr, DENSE: tl.constexpr,
-               BLOCK: tl.constexpr, FP64: tl.constexpr):
-    """eps of logical elements n: the caller's tensor, or Philox of the seed."""
-    if HAS_EPS:
-        return T.acc(tl.load(eps_ptr + _element_offsets(n, start, D, s_e0, s_e1, DENSE), mask=mask, other=0.0), FP64)
-    else:
-        seed = tl.load(seed_ptr)
-        groups = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
-        return T.normals(seed, groups, FP64)
+def _sample_index(n, start, B, D):
+    """(k, b, j) of logical elements n = start + [0, BLOCK) of the row-major [K, B, D]
+    (k, b int64, j int32): int64 divisions once per program, int32 ones per element."""
+    r0 = start // D  # first row of [K * B] rows
+    local = (n - r0 * D).to(tl.int32)
+    di = local // D
+    j = local - di * D
+    k0 = r0 // B
+    rb = (r0 - k0 * B).to(tl.int32) + di
+    dk = rb // B
+    return k0 + dk.to(tl.int64), (rb - dk * B).to(tl.int64), j
 
 
 @triton.jit
 def _rsample_fwd_kernel(
     mu_ptr,  # [B, D] mean, strides (s_m0, s_m1)
     lv_ptr,  # [B, D] log-variance, strides (s_l0, s_l1)
-    eps_ptr,  # [B, D] caller's noise, strides (s_e0, s_e1); read only when HAS_EPS
+    eps_ptr,  # [K, B, D] caller's noise, strides (s_ek, s_e0, s_e1); read only when HAS_EPS
     seed_ptr,  # [] int64 Philox key; read only when not HAS_EPS
-    z_ptr,  # [B, D] out, contiguous
-    N, D,  # B * D logical elements, D columns
-    s_m0, s_m1, s_l0, s_l1, s_e0, s_e1,
+    z_ptr,  # [K, B, D] out, contiguous
+    N, B, D,  # K * B * D logical elements, B rows, D columns
+    s_m0, s_m1, s_l0, s_l1, s_ek, s_e0, s_e1,
     HAS_EPS: tl.constexpr, DENSE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     start = pid * BLOCK
     n = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = n < N
-    mu = T.acc(tl.load(mu_ptr + _element_offsets(n, start, D, s_m0, s_m1, DENSE), mask=mask, other=0.0), FP64)
-    lv = T.acc(tl.load(lv_ptr + _element_offsets(n, start, D, s_l0, s_l1, DENSE), mask=mask, other=0.0), FP64)
-    eps = _eps_block(n, start, D, eps_ptr, s_e0, s_e1, seed_ptr, pid, mask, HAS_EPS, DENSE, BLOCK, FP64)
+    if DENSE:  # K = 1, every operand contiguous
+        off_m = n
+        off_l = n
+        off_e = n
+    else:
+        k, b, j = _sample_index(n, start, B, D)
+        jj = j.to(tl.int64)
+        off_m = b * s_m0 + jj * s_m1
+        off_l = b * s_l0 + jj * s_l1
+        off_e = k * s_ek + b * s_e0 + jj * s_e1
+    mu = T.acc(tl.load(mu_ptr + off_m, mask=mask, other=0.0), FP64)
+    lv = T.acc(tl.load(lv_ptr + off_l, mask=mask, other=0.0), FP64)
+    if HAS_EPS:
+        eps = T.acc(tl.load(eps_ptr + off_e, mask=mask, other=0.0), FP64)
+    else:
+        eps = T.normals(tl.load(seed_ptr), pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64), FP64)
     z = mu + tl.exp(0.5 * lv) * eps
     tl.store(z_ptr + n, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rsample_bwd_kernel(
-    g_ptr,  # [B, D] upstream gradient of z, strides (s_g0, s_g1) (0: expanded)
+    g_ptr,  # [K, B, D] upstream gradient of z, strides (s_gk, s_g0, s_g1) (0: expanded)
     lv_ptr,  # [B, D] log-variance, strides (s_l0, s_l1)
-    eps_ptr,  # [B, D] caller's noise, strides (s_e0, s_e1); read only when HAS_EPS
+    eps_ptr,  # [K, B, D] caller's noise, strides (s_ek, s_e0, s_e1); read only when HAS_EPS
     seed_ptr,  # [] int64 Philox key; read only when not HAS_EPS
-    dlv_ptr,  # [B, D] out d/dlogvar, contiguous; written when WANT_DLV
-    deps_ptr,  # [B, D] out d/deps, contiguous; written when WANT_DEPS
-    N, D,
-    s_g0, s_g1, s_l0, s_l1, s_e0, s_e1,
+    dlv_ptr,  # [B, D] out d/dlogvar (summed over k), contiguous; written when WANT_DLV
+    deps_ptr,  # [K, B, D] out d/deps, contiguous; written when WANT_DEPS
+    M, D, K,  # B * D logical elements per sample, D columns, K samples
+    s_gk, s_g0, s_g1, s_l0, s_l1, s_ek, s_e0, s_e1,
     HAS_EPS: tl.constexpr, WANT_DLV: tl.constexpr, WANT_DEPS: tl.constexpr, DENSE: tl.constexpr,
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     start = pid * BLOCK
-    n = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = n < N
-    g = T.acc(tl.load(g_ptr + _element_offsets(n, start, D, s_g0, s_g1, DENSE), mask=mask, other=0.0), FP64)
-    lv = T.acc(tl.load(lv_ptr + _element_offsets(n, start, D, s_l0, s_l1, DENSE), mask=mask, other=0.0), FP64)
-    deps = g * tl.exp(0.5 * lv)
-    if WANT_DEPS:
-        tl.store(deps_ptr + n, deps.to(deps_ptr.dtype.element_ty), mask=mask)
+    m = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = m < M
+    off_g = _element_offsets(m, start, D, s_g0, s_g1, DENSE)
+    lv = T.acc(tl.load(lv_ptr + _element_offsets(m, start, D, s_l0, s_l1, DENSE), mask=mask, other=0.0), FP64)
+    std = tl.exp(0.5 * lv)
+    dlv = T.acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)
+    if HAS_EPS:
+        off_e = _element_offsets(m, start, D, s_e0, s_e1, DENSE)
+    else:
+        seed = tl.load(seed_ptr)
+    for k in range(K):
+        kk = tl.full([], k, tl.int64)
+        deps = T.acc(tl.load(g_ptr + kk * s_gk + off_g, mask=mask, other=0.0), FP64) * std
+        if WANT_DEPS:
+            tl.store(deps_ptr + kk * M + m, deps.to(deps_ptr.dtype.element_ty), mask=mask)
+        if WANT_DLV:
+            if HAS_EPS:
+                eps = T.acc(tl.load(eps_ptr + kk * s_ek + off_e, mask=mask, other=0.0), FP64)
+            else:
+                eps = T.normals_at(seed, kk * M + start, BLOCK // 4, FP64)
+            dlv += 0.5 * deps * eps
     if WANT_DLV:
-        eps = _eps_block(n, start, D, eps_ptr, s_e0, s_e1, seed_ptr, pid, mask, HAS_EPS, DENSE, BLOCK, FP64)
-        tl.store(dlv_ptr + n, (0.5 * deps * eps).to(dlv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dlv_ptr + m, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
 _rsample_fwd_tuned = T.flat_autotune(_rsample_fwd_kernel, key=["D"])
@@ -108,32 +140,62 @@ def _dense(*tensors) -> int:
     return int(all(t is None or t.is_contiguous() for t in tensors))
 
 
-def rsample_fwd(mu, logvar, seed, eps):
+def _strides3(t):
+    """(k, row, column) strides of a [K, B, D] or [B, D] (k stride 0) operand; zeros when absent."""
+    if t is None:
+        return 0, 0, 0
+    return (0, *t.stride()) if t.dim() == 2 else tuple(t.stride())
+
+
+def rsample_fwd(mu, logvar, seed, eps, num_samples=0):
+    torch._check(num_samples >= 0, lambda: f"fastelbo: num_samples must be >= 0 (0: one [B, D] sample), "
+                 f"got {num_samples}")
     T.check_like(mu, "mu", logvar, "logvar")
-    T.check_like(mu, "mu", eps, "eps")
-    z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    if num_samples == 0:
+        T.check_like(mu, "mu", eps, "eps")
+    else:
+        T.check_samples(eps, "eps", mu, "mu")
+        torch._check(eps is None or eps.shape[0] == num_samples, lambda: (
+            f"fastelbo: eps must have num_samples = {num_samples} samples, got {eps.shape[0]}"))
+    K = max(num_samples, 1)
     B, D = mu.shape
-    e = T.or_dummy(eps, mu)
-    T.launch_flat(_rsample_fwd_kernel, _rsample_fwd_tuned, B * D,
-                  (mu, logvar, e, seed, z, B * D, D, *T.strides(mu), *T.strides(logvar), *T.strides(eps)),
-                  HAS_EPS=int(eps is not None), DENSE=_dense(mu, logvar, eps), FP64=T.fp64(mu))
+    z = torch.empty(((num_samples,) if num_samples else ()) + (B, D), dtype=mu.dtype, device=mu.device)
+    N = K * B * D
+    T.launch_flat(_rsample_fwd_kernel, _rsample_fwd_tuned, N,
+                  (mu, logvar, T.or_dummy(eps, mu), seed, z, N, B, D, *T.strides(mu), *T.strides(logvar),
+                   *_strides3(eps)),
+                  HAS_EPS=int(eps is not None), DENSE=int(K == 1 and _dense(mu, logvar, eps)), FP64=T.fp64(mu))
     return z
 
 
 def rsample_bwd(grad_z, logvar, seed, eps, output_mask):
-    T.check_like(logvar, "logvar", grad_z, "grad_z")
-    T.check_like(logvar, "logvar", eps, "eps")
+    torch._check(grad_z.dim() in (2, 3), lambda: f"fastelbo: grad_z must be [B, D] or [K, B, D], got shape "
+                 f"{tuple(grad_z.shape)}")
+    T.check_like(logvar, "logvar", None, "")
+    if grad_z.dim() == 2:
+        T.check_like(logvar, "logvar", grad_z, "grad_z")
+        T.check_like(logvar, "logvar", eps, "eps")
+    else:
+        T.check_samples(grad_z, "grad_z", logvar, "logvar")
+        torch._check(eps is None or tuple(eps.shape) == tuple(grad_z.shape), lambda: (
+            f"fastelbo: eps must have grad_z's shape {tuple(grad_z.shape)}, got {tuple(eps.shape)}"))
+        T.check_samples(eps, "eps", logvar, "logvar")
     want_lv, want_eps = bool(output_mask[0]), bool(output_mask[1])
-    dlv, deps = T.grad_or_empty(want_lv, logvar), T.grad_or_empty(want_eps, logvar)
+    dlv, deps = T.grad_or_empty(want_lv, logvar), T.grad_or_empty(want_eps, grad_z)
     if not (want_lv or want_eps):
         return dlv, deps
     B, D = logvar.shape
+    K = grad_z.shape[0] if grad_z.dim() == 3 else 1
+    if K == 0:  # no samples: dlogvar is an empty sum
+        dlv.zero_()
+        return dlv, deps
+    dense = _dense(logvar) and all(t is None or t[0].is_contiguous() for t in (
+        grad_z if grad_z.dim() == 3 else grad_z[None], None if eps is None else (eps if eps.dim() == 3 else eps[None])))
     T.launch_flat(_rsample_bwd_kernel, _rsample_bwd_tuned, B * D,
-                  (grad_z, logvar, T.or_dummy(eps, logvar), seed, dlv,
-                   deps, B * D, D, *T.strides(grad_z), *T.strides(logvar),
-                   *T.strides(eps)),
+                  (grad_z, logvar, T.or_dummy(eps, logvar), seed, dlv, deps, B * D, D, K,
+                   *_strides3(grad_z), *T.strides(logvar), *_strides3(eps)),
                   HAS_EPS=int(eps is not None), WANT_DLV=int(want_lv), WANT_DEPS=int(want_eps),
-                  DENSE=_dense(grad_z, logvar, eps), FP64=T.fp64(logvar))
+                  DENSE=int(dense), FP64=T.fp64(logvar))
     return dlv, deps
 
 
@@ -143,8 +205,8 @@ def rsample_bwd(grad_z, logvar, seed, eps, output_mask):
 @triton_op("fastelbo::triton_rsample", mutates_args=())
 @T.opaque_under_interpreter("fastelbo::triton_rsample")
 def triton_rsample(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
-                   eps: torch.Tensor | None) -> torch.Tensor:
-    return rsample_fwd(mu, logvar, seed, eps)
+                   eps: torch.Tensor | None, num_samples: int = 0) -> torch.Tensor:
+    return rsample_fwd(mu, logvar, seed, eps, num_samples)
 
 
 @triton_op("fastelbo::triton_rsample_backward", mutates_args=())

@@ -37,6 +37,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 _ROW = {"FP64": 0, "ROWS": 2, "BLOCK": 1024}
 _ELBO = {"FP64": 0, "ROWS": 2, "BLOCK_X": 1024, "BLOCK_Z": 64}
 _ALL_GRADS = {"WANT_X": 1, "WANT_R": 1, "WANT_S": 1, "WANT_MU": 1, "WANT_LV": 1, "WANT_PMU": 1, "WANT_PLV": 1}
+_IW_ALL = {**_ALL_GRADS, "WANT_Z": 1}
 VARIANTS = {
     "rsample_fwd": [("philox, strided", {"HAS_EPS": 0, "DENSE": 0, "FP64": 0, "BLOCK": 1024}, 4)],
     "rsample_bwd": [("philox, strided", {"HAS_EPS": 0, "WANT_DLV": 1, "WANT_DEPS": 1, "DENSE": 0, "FP64": 0,
@@ -45,17 +46,36 @@ VARIANTS = {
     "kl_bwd": [("prior", {**_ROW, "HAS_PRIOR": 1, "WANT_MU": 1, "WANT_LV": 1, "WANT_PMU": 1, "WANT_PLV": 1}, 4)],
     "loglik_fwd": [("bernoulli+validate", {**_ROW, "GAUSSIAN": 0, "VALIDATE": 1}, 4),
                    ("gaussian", {**_ROW, "GAUSSIAN": 1, "VALIDATE": 0}, 4)],
-    "loglik_bwd": [("gaussian", {**_ROW, "GAUSSIAN": 1, "WANT_R": 1, "WANT_X": 1, "WANT_S": 1}, 4),
-                   ("bernoulli", {**_ROW, "GAUSSIAN": 0, "WANT_R": 1, "WANT_X": 1, "WANT_S": 0}, 4)],
+    "loglik_bwd": [("gaussian, [1,Dx] reduce", {**_ROW, "GAUSSIAN": 1, "WANT_R": 1, "WANT_X": 1, "WANT_S": 1,
+                                                 "REDUCE_S": 1}, 4),
+                   ("gaussian, per row", {**_ROW, "GAUSSIAN": 1, "WANT_R": 1, "WANT_X": 1, "WANT_S": 1,
+                                          "REDUCE_S": 0}, 4),
+                   ("bernoulli", {**_ROW, "GAUSSIAN": 0, "WANT_R": 1, "WANT_X": 1, "WANT_S": 0, "REDUCE_S": 0}, 4)],
     "elbo_fwd": [("bernoulli+validate, prior", {**_ELBO, "GAUSSIAN": 0, "HAS_PRIOR": 1, "VALIDATE": 1}, 4),
                  ("gaussian, prior", {**_ELBO, "GAUSSIAN": 1, "HAS_PRIOR": 1, "VALIDATE": 0}, 4)],
-    "elbo_bwd": [("gaussian, prior", {**_ELBO, **_ALL_GRADS, "GAUSSIAN": 1, "HAS_PRIOR": 1, "HAS_GE": 1,
-                                      "HAS_GL": 1, "HAS_GK": 1}, 4),
-                 ("bernoulli, prior", {**_ELBO, **_ALL_GRADS, "WANT_S": 0, "GAUSSIAN": 0, "HAS_PRIOR": 1,
-                                       "HAS_GE": 1, "HAS_GL": 1, "HAS_GK": 1}, 4)],
+    "elbo_bwd": [("gaussian, prior, reduce", {**_ELBO, **_ALL_GRADS, "REDUCE_S": 1, "GAUSSIAN": 1, "HAS_PRIOR": 1,
+                                              "HAS_GE": 1, "HAS_GL": 1, "HAS_GK": 1}, 4),
+                 ("gaussian, prior, per row", {**_ELBO, **_ALL_GRADS, "REDUCE_S": 0, "GAUSSIAN": 1, "HAS_PRIOR": 1,
+                                               "HAS_GE": 1, "HAS_GL": 1, "HAS_GK": 1}, 4),
+                 ("bernoulli, prior", {**_ELBO, **_ALL_GRADS, "WANT_S": 0, "REDUCE_S": 0, "GAUSSIAN": 0,
+                                       "HAS_PRIOR": 1, "HAS_GE": 1, "HAS_GL": 1, "HAS_GK": 1}, 4)],
+    "iwae_fwd": [("gaussian, prior", {**_ELBO, "GAUSSIAN": 1, "HAS_PRIOR": 1, "VALIDATE": 0}, 4),
+                 ("bernoulli+validate, prior", {**_ELBO, "GAUSSIAN": 0, "HAS_PRIOR": 1, "VALIDATE": 1}, 4)],
+    "iwae_bwd": [("gaussian, prior, reduce", {**_ELBO, **_IW_ALL, "REDUCE_S": 1, "GAUSSIAN": 1, "HAS_PRIOR": 1}, 4),
+                 ("gaussian, per row", {**_ELBO, **_IW_ALL, "REDUCE_S": 0, "GAUSSIAN": 1, "HAS_PRIOR": 0,
+                                        "WANT_PMU": 0, "WANT_PLV": 0}, 4),
+                 ("bernoulli, prior", {**_ELBO, **_IW_ALL, "WANT_S": 0, "REDUCE_S": 0, "GAUSSIAN": 0,
+                                       "HAS_PRIOR": 1}, 4)],
+    "free_bits_cols": [("prior", {**_ROW, "HAS_PRIOR": 1}, 4)],
+    "free_bits_fwd": [("prior", {**_ROW, "HAS_PRIOR": 1}, 4)],
+    "free_bits_bwd": [("prior", {**_ROW, "HAS_PRIOR": 1, "WANT_MU": 1, "WANT_LV": 1, "WANT_PMU": 1,
+                                 "WANT_PLV": 1}, 4)],
 }
 _POINTER_TYPES = {"seed_ptr": "*i64", "bad_ptr": "*i8"}
-_FLOAT_ARGS = {"beta_hi", "beta_lo"}
+_FLOAT_ARGS = {"beta_hi", "beta_lo", "fb_hi", "fb_lo"}
+# Buffers in the accumulation dtype (float32; float64 for float64 inputs): log-weights, partial sums, kl_dims,
+# the IWAE backward's per-sample weights.
+_ACC_PTRS = {"lw_ptr", "part_ptr", "kd_ptr", "c_ptr"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -63,6 +83,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in _ACC_PTRS:
+            sig[name] = "*fp64" if dtype == "fp64" else "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = _POINTER_TYPES.get(name, "*" + dtype)
         elif name in _FLOAT_ARGS:

@@ -1,0 +1,179 @@
+"""Free bits (Kingma et al. 2016), Triton; reference: fastelbo.reference.free_bits_kl:
+    kl_dims[j] = (1/B) sum_b KL[b, j]                        (KL[b, j]: _tiles.kl_element, as gaussian_kl)
+    kl[b]      = sum_j (kl_dims[j] >= free_bits ? KL[b, j] : free_bits)
+so that mean_b kl[b] = sum_j max(free_bits, kl_dims[j]).
+forward   two passes over [B, Dz]: the column sums (grid (slots) x Dz chunks, per-slot partials
+          [slots, Dz] in the accumulation type, then one sum), then the rows (tiles of [ROWS, BLOCK]).
+backward  dX[b, j] = grad[b] * [kl_dims[j] >= free_bits] * dKL[b, j]/dX   (kernels/kl.py kl_grad_tile,
+          the upstream gradient masked per column).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from . import _tiles as T
+from .kl import check_kl_args, kl_flags, kl_grad_tile, kl_grads, kl_operands
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+@triton.jit
+def _free_bits_cols_kernel(
+    mu_ptr, lv_ptr,  # [B, D] posterior, strides (s_m0, s_m1), (s_l0, s_l1)
+    pmu_ptr, plv_ptr,  # [B, D] prior (expanded), read when HAS_PRIOR
+    part_ptr,  # [slots, D] out, accumulation type: sum of KL[b, j] over the rows of slot program_id(0)
+    B, D,
+    s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+    HAS_PRIOR: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_mask = cols < D
+    total = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+    for t in range(tl.program_id(0), tl.cdiv(B, ROWS), tl.num_programs(0)):
+        rows = T.row_ids(tl.full([], t, tl.int64), ROWS)
+        mask = (rows < B)[:, None] & col_mask[None, :]
+        mu, lv, pmu, plv = T.load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols, s_m0, s_m1, s_l0, s_l1,
+                                                  s_pm0, s_pm1, s_pl0, s_pl1, mask, HAS_PRIOR, FP64)
+        total += tl.where(mask, T.kl_element(mu, lv, pmu, plv, HAS_PRIOR), 0.0)
+    tl.store(part_ptr + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(total, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _free_bits_fwd_kernel(
+    kd_ptr,  # [D] kl_dims, accumulation type, contiguous
+    mu_ptr, lv_ptr,  # [B, D] posterior
+    pmu_ptr, plv_ptr,  # [B, D] prior (expanded), read when HAS_PRIOR
+    kl_ptr,  # [B] out
+    B, D,
+    fb_hi, fb_lo,  # free_bits = hi + lo (float32 pair: exact for float64 kernels too)
+    s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+    HAS_PRIOR: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = T.row_ids(pid, ROWS)
+    row_mask = rows < B
+    fb = T.float_pair(fb_hi, fb_lo, BLOCK, FP64)
+    total = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+    for j0 in range(0, D, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        active = T.acc(tl.load(kd_ptr + cols, mask=col_mask, other=0.0), FP64) >= fb
+        mu, lv, pmu, plv = T.load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols, s_m0, s_m1, s_l0, s_l1,
+                                                  s_pm0, s_pm1, s_pl0, s_pl1, mask, HAS_PRIOR, FP64)
+        term = tl.where(active[None, :], T.kl_element(mu, lv, pmu, plv, HAS_PRIOR), fb[None, :])
+        total += tl.where(mask, term, 0.0)
+    tl.store(kl_ptr + rows, tl.sum(total, axis=1).to(kl_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _free_bits_bwd_kernel(
+    g_ptr,  # [B] upstream gradient, stride s_g (0: expanded)
+    kd_ptr,  # [D] kl_dims, accumulation type, contiguous
+    mu_ptr, lv_ptr,  # [B, D] posterior
+    pmu_ptr, plv_ptr,  # [B, D] prior (expanded), read when HAS_PRIOR
+    dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # [B, D] out, contiguous, written when WANT_*
+    B, D, s_g,
+    fb_hi, fb_lo,  # free_bits = hi + lo
+    s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+    HAS_PRIOR: tl.constexpr, WANT_MU: tl.constexpr, WANT_LV: tl.constexpr, WANT_PMU: tl.constexpr,
+    WANT_PLV: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = T.row_ids(pid, ROWS)
+    row_mask = rows < B
+    g = T.load_row_scalar(g_ptr, rows, s_g, row_mask, True, FP64)
+    fb = T.float_pair(fb_hi, fb_lo, BLOCK, FP64)
+    for j0 in range(0, D, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        active = T.acc(tl.load(kd_ptr + cols, mask=col_mask, other=0.0), FP64) >= fb
+        gg = tl.where(active[None, :], g[:, None], 0.0)  # a floored dimension passes no gradient
+        kl_grad_tile(gg, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, rows, cols, mask, D,
+                     s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1, HAS_PRIOR, WANT_MU, WANT_LV, WANT_PMU,
+                     WANT_PLV, FP64)
+
+
+_free_bits_cols_tuned = T.row_autotune(_free_bits_cols_kernel, key=["D"])
+_free_bits_fwd_tuned = T.row_autotune(_free_bits_fwd_kernel, key=["D"])
+_free_bits_bwd_tuned = T.row_autotune(_free_bits_bwd_kernel, key=["D"])
+
+
+# ---------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_free_bits(free_bits):
+    free_bits = float(free_bits)
+    torch._check(free_bits >= 0.0, lambda: f"fastelbo: free_bits must be >= 0 (nats per latent dimension), "
+                 f"got {free_bits}")  # NaN fails too
+
+
+def free_bits_fwd(mu, logvar, prior_mu, prior_logvar, free_bits):
+    check_kl_args(mu, logvar, prior_mu, prior_logvar)
+    check_free_bits(free_bits)
+    B, D = mu.shape
+    kl = mu.new_empty(B)
+    if B == 0:  # the mean over no rows, as torch.mean
+        return kl, mu.new_full((D,), math.nan, dtype=_acc_dtype(mu))
+    ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
+    block = T.block_for(D)
+    chunks = triton.cdiv(max(D, 1), block)
+    slots = T.reduce_slots(B, chunks)
+    part = T.row_partials(mu, slots)
+    T.launch_rows_2d(_free_bits_cols_kernel, _free_bits_cols_tuned, B, D, (*ptrs, part, B, D, *strides), block, block,
+                     slots, HAS_PRIOR=int(prior_mu is not None), FP64=T.fp64(mu), BLOCK=block)
+    kl_dims = part.sum(0) / B
+    T.launch_rows(_free_bits_fwd_kernel, _free_bits_fwd_tuned, B,
+                  (kl_dims, *ptrs, kl, B, D, *T.split_float(free_bits), *strides), block,
+                  HAS_PRIOR=int(prior_mu is not None), FP64=T.fp64(mu), BLOCK=block)
+    return kl, kl_dims
+
+
+def free_bits_bwd(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, output_mask):
+    check_kl_args(mu, logvar, prior_mu, prior_logvar)
+    T.check_row_grad(grad, "grad", mu)
+    check_free_bits(free_bits)
+    torch._check(tuple(kl_dims.shape) == (mu.shape[1],) and kl_dims.dtype == _acc_dtype(mu), lambda: (
+        f"fastelbo: kl_dims must be [{mu.shape[1]}] {_acc_dtype(mu)} (free_bits_kl's), got {tuple(kl_dims.shape)} "
+        f"{kl_dims.dtype}"))
+    want, d = kl_grads(mu, prior_mu, output_mask)
+    B, D = mu.shape
+    if any(want):
+        ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
+        block = T.block_for(D)
+        T.launch_rows(_free_bits_bwd_kernel, _free_bits_bwd_tuned, B,
+                      (grad, kl_dims.contiguous(), *ptrs, *d, B, D, grad.stride(0), *T.split_float(free_bits),
+                       *strides), block,
+                      **kl_flags(prior_mu, *want), FP64=T.fp64(mu), BLOCK=block)
+    return tuple(d)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+@triton_op("fastelbo::triton_free_bits_kl", mutates_args=())
+@T.opaque_under_interpreter("fastelbo::triton_free_bits_kl")
+def triton_free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None,
+                        prior_logvar: torch.Tensor | None, free_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return free_bits_fwd(mu, logvar, prior_mu, prior_logvar, free_bits)
+
+
+@triton_op("fastelbo::triton_free_bits_kl_backward", mutates_args=())
+@T.opaque_under_interpreter("fastelbo::triton_free_bits_kl_backward")
+def triton_free_bits_kl_backward(grad: torch.Tensor, kl_dims: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                                 prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None, free_bits: float,
+                                 output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    return free_bits_bwd(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, output_mask)
