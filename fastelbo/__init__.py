@@ -14,7 +14,9 @@ from . import reference
 from ._backend import FallbackWarning
 from ._build import BuildError, load_kernels
 from ._validate import set_default_validate_args
-from .functional import ELBOTerms, bernoulli_log_prob, elbo, gaussian_kl, gaussian_log_prob, rsample
+from .evaluation import estimate_log_likelihood
+from .functional import (ELBOTerms, bernoulli_log_prob, elbo, free_bits_kl, gaussian_kl, gaussian_log_prob,
+                         iwae_bound, rsample)
 from .loss import ELBOLoss
 
 __version__ = "0.1.0"
@@ -25,6 +27,9 @@ __all__ = [
     "bernoulli_log_prob",
     "gaussian_log_prob",
     "elbo",
+    "iwae_bound",
+    "free_bits_kl",
+    "estimate_log_likelihood",
     "ELBOTerms",
     "ELBOLoss",
     "FallbackWarning",

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import functional as F
 from . import reference
+from .evaluation import estimate_log_likelihood
 from .loss import ELBOLoss
 
 IWAE_K = 64
@@ -213,23 +214,16 @@ def iwae_log_likelihood(model: VAE, x: torch.Tensor, backend: str, seed: int, k:
 
         log (1/k) sum_k exp(log p(x|z_k) + log p(z_k) - log q(z_k|x)),  z_k ~ q(z|x),
 
-    every term a fastelbo op (rsample, gaussian_log_prob, bernoulli_log_prob).
+    fastelbo.estimate_log_likelihood per batch (one fused iwae_bound op per batch).
     """
     backend = "reference" if backend == PYTORCH else backend
     model.eval()
+    likelihood = "bernoulli" if model.obs_logvar is None else "gaussian"
     total = 0.0
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        mu, logvar = model.encode(xb)
-        b, dz = mu.shape
-        mu_k = mu.expand(k, b, dz).reshape(k * b, dz)
-        lv_k = logvar.expand(k, b, dz).reshape(k * b, dz)
-        z = F.rsample(mu_k, lv_k, seed=seed + i, backend=backend)
-        log_q = F.gaussian_log_prob(mu_k, z, lv_k, backend=backend)
-        log_p = F.gaussian_log_prob(torch.zeros_like(z), z, 0.0, backend=backend)
-        log_px = log_likelihood(model, model.decoder(z), xb.expand(k, b, xb.shape[1]).reshape(k * b, -1), backend)
-        log_w = (log_px + log_p - log_q).view(k, b)
-        total += (torch.logsumexp(log_w, dim=0) - math.log(k)).sum().item()
+        est = estimate_log_likelihood((model.encode, model.decoder), x[i:i + batch_size], K=k, likelihood=likelihood,
+                                      obs_logvar=model.obs_logvar, seed=seed + i, progress=False, backend=backend)
+        total += est.sum().item()
     return total / len(x)
 
 

@@ -31,15 +31,21 @@ def validate_args_enabled(validate_args: bool | None) -> bool:
     return _VALIDATE_ARGS if validate_args is None else bool(validate_args)
 
 
-def tensor2d(t, name: str, dims: str = "[B, D]") -> torch.Tensor:
+def float_tensor(t, name: str, dims: str, ndim: int) -> torch.Tensor:
+    """A floating-point tensor of `ndim` dimensions (described as `dims` in errors)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {dims}; got {type(t).__name__}")
     if not t.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); "
                         f"got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D {dims}; got shape {tuple(t.shape)}")
+    if t.dim() != ndim:
+        what = "K samples" if ndim == 3 else None
+        raise ValueError(f"{name} must be {ndim}-D {dims}{f' ({what})' if what else ''}; got shape {tuple(t.shape)}")
     return t
+
+
+def tensor2d(t, name: str, dims: str = "[B, D]") -> torch.Tensor:
+    return float_tensor(t, name, dims, 2)
 
 
 def _autocast_mix(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -84,6 +90,46 @@ def per_feature(value, name: str, like: torch.Tensor, like_name: str) -> torch.T
         raise ValueError(f"{name} must be a number or have shape [], [{cols}], [1, {cols}] or [{rows}, {cols}] "
                          f"(per feature, broadcast over the batch of {like_name}); got {tuple(value.shape)}")
     return value.expand(rows, cols)
+
+
+def per_feature_rows(value, name: str, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """Like per_feature, but as the ops take an observation log-variance: [1, D] (one value per feature,
+    shared by every row, its gradient reduced over the batch inside the kernel) or [B, D] (per row)."""
+    rows, cols = like.shape[-2:]
+    full = per_feature(value, name, like[0] if like.dim() == 3 else like, like_name)  # the checks
+    if not isinstance(value, torch.Tensor):
+        return full.new_full((), float(value)).expand(1, cols)
+    if value.dim() == 2 and value.shape[0] == rows and rows != 1:
+        return value
+    # [], [D], [1, D]: a [1, D] view; autograd sums its gradient back to the value's shape.
+    return value.reshape(-1).expand(cols).unsqueeze(0) if value.dim() < 2 else value
+
+
+def samples(t, name: str, dims: str) -> torch.Tensor:
+    """A [K, B, D] tensor of K >= 1 samples."""
+    float_tensor(t, name, dims, 3)
+    if t.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one sample (K >= 1); got shape {tuple(t.shape)}")
+    return t
+
+
+def num_samples(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_samples must be an int or None; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"num_samples must be >= 1; got {value}")
+    return int(value)
+
+
+def free_bits_value(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"free_bits must be a real number (nats per latent dimension); got {type(value).__name__}")
+    value = float(value)
+    if not value >= 0.0 or value == float("inf"):
+        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension); got {value}")
+    return value
 
 
 def prior(prior_mu, prior_logvar, mu: torch.Tensor):

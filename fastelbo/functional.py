@@ -2,8 +2,9 @@
 backend (see fastelbo._backend) and calls one fused op; every backend gives
 the numbers of fastelbo.reference.
 
-Shapes: mu, logvar [B, Dz]; x, recon [B, Dx]. Results are per row, [B], in
-the inputs' dtype (accumulated in float32, float64 for float64 inputs).
+Shapes: mu, logvar [B, Dz]; x, recon [B, Dx]; K samples lead: z [K, B, Dz],
+recon [K, B, Dx]. Results are per row, [B], in the inputs' dtype (accumulated
+in float32, float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -15,29 +16,41 @@ from ._backend import impl
 from ._seed import seed_tensor
 from .reference import ELBOTerms
 
-__all__ = ["rsample", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo", "ELBOTerms"]
+__all__ = ["rsample", "gaussian_kl", "free_bits_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo",
+           "iwae_bound", "ELBOTerms"]
 
 
-def rsample(mu, logvar, *, generator=None, seed=None, eps=None, backend="auto") -> torch.Tensor:
+def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None, backend="auto") -> torch.Tensor:
     """Reparameterized sample z = mu + exp(logvar / 2) * eps, eps ~ N(0, I).
 
+    num_samples=K draws K samples per row: z of shape [K, B, Dz] (None: [B, Dz]).
     eps comes from Philox keyed by `seed` (an int), else by a seed drawn from
     `generator` (the default generator when None), or is the given `eps`
-    tensor. The backward regenerates eps from the seed: nothing [B, Dz] is
-    kept for it.
+    tensor ([B, Dz], or [K, B, Dz] for K samples). The backward regenerates eps from the seed:
+    nothing of z's size is kept for it.
     """
     v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
+    k = v.num_samples(num_samples)
     if eps is not None:
         if seed is not None or generator is not None:
             raise ValueError("rsample: pass eps= or seed=/generator=, not both")
-        v.pair(mu, "mu", eps, "eps", "[B, Dz]")
+        if k is None and isinstance(eps, torch.Tensor) and eps.dim() == 3:
+            k = eps.shape[0]  # K samples' noise given: K samples
+        if k is None:
+            v.pair(mu, "mu", eps, "eps", "[B, Dz]")
+        else:
+            v.samples(eps, "eps", "[K, B, Dz]")
+            v.same_kind(mu, "mu", eps, "eps")
+            if tuple(eps.shape) != (k, *mu.shape):
+                raise ValueError(f"eps must have shape [num_samples, B, Dz] = {[k, *mu.shape]}; "
+                                 f"got {list(eps.shape)}")
     if generator is not None and _recomputing():
         raise RuntimeError(_RECOMPUTE_WITH_GENERATOR)
     ops = impl(backend, mu.device)
     # The seed tensor is an op input even when eps is given (schema is fixed): 0-dim, never read then.
     s = torch.zeros((), dtype=torch.int64, device=mu.device) if eps is not None else seed_tensor(
         mu.device, generator, seed)
-    return ops.rsample(mu, logvar, s, eps)
+    return ops.rsample(mu, logvar, s, eps, 0 if k is None else k)
 
 
 # CHECKPOINT GUARD (docs/training.md, "Activation checkpointing"). torch.utils.checkpoint
@@ -71,6 +84,20 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, backend="auto")
     return impl(backend, mu.device).gaussian_kl(mu, logvar, pmu, plv)
 
 
+def free_bits_kl(mu, logvar, free_bits, prior_mu=None, prior_logvar=None, *, backend="auto") -> torch.Tensor:
+    """KL per row with free bits (Kingma et al. 2016), [B].
+
+    A latent dimension whose batch-mean KL is below `free_bits` nats counts as
+    exactly `free_bits` and gets no gradient, so the batch mean of the result is
+    sum_j max(free_bits, mean_b KL[b, j]) (the free-bits objective, with
+    torch.clamp's gradient). free_bits=0 is gaussian_kl. Priors as gaussian_kl.
+    """
+    v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
+    lam = v.free_bits_value(free_bits)
+    pmu, plv = v.prior(prior_mu, prior_logvar, mu)
+    return impl(backend, mu.device).free_bits_kl(mu, logvar, pmu, plv, lam)[0]
+
+
 def bernoulli_log_prob(logits, x, *, backend="auto", validate_args=None) -> torch.Tensor:
     """log Bernoulli(x | sigmoid(logits)) per row; x may be continuous in [0, 1]."""
     v.pair(logits, "logits", x, "x", "[B, Dx]")
@@ -79,9 +106,10 @@ def bernoulli_log_prob(logits, x, *, backend="auto", validate_args=None) -> torc
 
 
 def gaussian_log_prob(mean, x, logvar=0.0, *, backend="auto") -> torch.Tensor:
-    """log N(x | mean, e^logvar) per row; logvar: number or tensor of shape [], [Dx], [1, Dx] or [B, Dx]."""
+    """log N(x | mean, e^logvar) per row; logvar: number or tensor of shape [], [Dx], [1, Dx] or [B, Dx]
+    (a per-feature logvar's gradient is reduced over the batch inside the kernel)."""
     v.pair(mean, "mean", x, "x", "[B, Dx]")
-    s = v.per_feature(logvar, "logvar", mean, "mean")
+    s = v.per_feature_rows(logvar, "logvar", mean, "mean")
     return impl(backend, mean.device).gaussian_log_prob(mean, x, s)
 
 
@@ -91,22 +119,75 @@ def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior
 
     likelihood "bernoulli": recon are logits, x in [0, 1]. "gaussian": recon is
     the mean and obs_logvar (number or [], [Dx], [1, Dx], [B, Dx]; default 0)
-    the log-variance. Returns ELBOTerms(elbo, log_likelihood, kl), each [B].
+    the log-variance; a per-feature obs_logvar (e.g. a learned [Dx]
+    nn.Parameter) gets its gradient reduced over the batch inside the kernel.
+    recon may be [K, B, Dx], decoded from K samples of z (rsample(...,
+    num_samples=K)): the log-likelihood is then the K-sample average per row.
+    Returns ELBOTerms(elbo, log_likelihood, kl), each [B].
     """
     v.choice(likelihood, "likelihood", v.LIKELIHOODS)
-    v.pair(recon, "recon", x, "x", "[B, Dx]")
-    v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
-    v.same_kind(recon, "recon", mu, "mu")
-    if mu.shape[0] != recon.shape[0]:
-        raise ValueError(f"mu must have the batch size of recon ({recon.shape[0]}); got {mu.shape[0]}")
+    _likelihood_args(x, recon, "[B, Dx] or [K, B, Dx]")
+    _posterior_args(mu, logvar, x, recon)
     beta = v.beta_value(beta)
-    if likelihood == "gaussian":
-        s = v.per_feature(0.0 if obs_logvar is None else obs_logvar, "obs_logvar", recon, "recon")
-    else:
-        if obs_logvar is not None:
-            raise ValueError("obs_logvar is only used by likelihood='gaussian'")
-        s = None
+    s = _obs_logvar(likelihood, obs_logvar, recon)
     validate_x = likelihood == "bernoulli" and v.validate_args_enabled(validate_args)
     pmu, plv = v.prior(prior_mu, prior_logvar, mu)
     out = impl(backend, recon.device).elbo(x, recon, mu, logvar, s, pmu, plv, likelihood, beta, validate_x)
     return ELBOTerms(*out)
+
+
+def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
+               prior_logvar=None, backend="auto", validate_args=None) -> torch.Tensor:
+    """The importance-weighted bound (Burda et al. 2016) per row, [B], in one fused op:
+
+        log (1/K) sum_k exp(log p(x | z_k) + log p(z_k) - log q(z_k | x))
+
+    z [K, B, Dz] ~ q(z | x) = N(mu, e^logvar) (e.g. rsample(mu, logvar, num_samples=K)) and recon
+    [K, B, Dx] decoded from it; x [B, Dx]. The log-sum-exp over K is stabilized by its maximum; the
+    backward weights each sample by its softmax weight. K = 1 is the single-sample ELBO with the
+    Monte Carlo KL. likelihood, obs_logvar and the prior as in elbo().
+    """
+    v.choice(likelihood, "likelihood", v.LIKELIHOODS)
+    v.samples(recon, "recon", "[K, B, Dx]")
+    _likelihood_args(x, recon, "[K, B, Dx]")
+    _posterior_args(mu, logvar, x, recon)
+    v.samples(z, "z", "[K, B, Dz]")
+    v.same_kind(mu, "mu", z, "z")
+    if z.shape[0] != recon.shape[0]:
+        raise ValueError(f"K mismatch between z and recon: z has {z.shape[0]} samples (shape {list(z.shape)}), "
+                         f"recon has {recon.shape[0]} (shape {list(recon.shape)})")
+    if tuple(z.shape[1:]) != tuple(mu.shape):
+        raise ValueError(f"z must have shape [K, B, Dz] = [{z.shape[0]}, {mu.shape[0]}, {mu.shape[1]}] "
+                         f"(K samples of mu's [B, Dz]); got {list(z.shape)}")
+    s = _obs_logvar(likelihood, obs_logvar, recon)
+    validate_x = likelihood == "bernoulli" and v.validate_args_enabled(validate_args)
+    pmu, plv = v.prior(prior_mu, prior_logvar, mu)
+    return impl(backend, recon.device).iwae_bound(x, recon, z, mu, logvar, s, pmu, plv, likelihood, validate_x)[0]
+
+
+def _likelihood_args(x, recon, recon_dims):
+    """recon [B, Dx] or [K, B, Dx] against x [B, Dx]: one dtype, device and [B, Dx]."""
+    v.tensor2d(x, "x", "[B, Dx]")
+    if isinstance(recon, torch.Tensor) and recon.dim() == 3:
+        v.samples(recon, "recon", recon_dims)
+        v.same_kind(recon, "recon", x, "x")
+        if recon.shape[1:] != x.shape:
+            raise ValueError(f"recon must have shape [K, B, Dx] with [B, Dx] = x's {list(x.shape)}; "
+                             f"got {list(recon.shape)}")
+    else:
+        v.pair(recon, "recon", x, "x", recon_dims)
+
+
+def _posterior_args(mu, logvar, x, recon):
+    v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
+    v.same_kind(recon, "recon", mu, "mu")
+    if mu.shape[0] != x.shape[0]:
+        raise ValueError(f"mu must have the batch size of x ({x.shape[0]}); got {mu.shape[0]}")
+
+
+def _obs_logvar(likelihood, obs_logvar, recon):
+    if likelihood == "gaussian":
+        return v.per_feature_rows(0.0 if obs_logvar is None else obs_logvar, "obs_logvar", recon, "recon")
+    if obs_logvar is not None:
+        raise ValueError("obs_logvar is only used by likelihood='gaussian'")
+    return None

@@ -15,6 +15,13 @@ Accuracy rule (CONVENTIONS, flash-attention style):
     (atol: one unit of rounding of the result, which any kernel pays once).
 NaN / +inf / -inf positions must match exactly (for the low dtypes: those of
 ref64 rounded to the dtype).
+  * ill-conditioned results (baseline_rule=True): the IWAE gradients carry the
+    softmax weights exp(log w - logsumexp log w) of log-weights that are sums
+    of Dx + 2 Dz terms (hundreds of nats). A float32 sum of them is only good
+    to ~sqrt(Dx) ulp of its size, e.g. 1e-4 nats at 600 features, so the
+    weights -- and every gradient -- are only good to ~1e-4 relative, in
+    PyTorch itself. There the float32 result is judged like the low dtypes:
+    at most 2x PyTorch's own float32 error against float64, plus atol.
 """
 
 from __future__ import annotations
@@ -175,7 +182,7 @@ def _nonfinite_parity(name: str, actual: torch.Tensor, expected: torch.Tensor) -
 
 
 def assert_close(actual, expected, *, ref64=None, n: int = 1, name: str = "value", overflow_ok: bool = False,
-                 ignore=None) -> None:
+                 ignore=None, baseline_rule: bool = False) -> None:
     """Checks `actual` against the reference per the rule in the module docstring.
 
     expected: the reference in actual's dtype. ref64 (required for float16 /
@@ -201,7 +208,7 @@ def assert_close(actual, expected, *, ref64=None, n: int = 1, name: str = "value
     dtype = actual.dtype
     tol = TOL[dtype]
     a = actual.detach().cpu().double()
-    if dtype in LOW_PRECISION:
+    if dtype in LOW_PRECISION or (baseline_rule and dtype == torch.float32):
         if ref64 is None:
             raise ValueError(f"{name}: the low-precision rule needs the float64 reference")
         truth = ref64.detach().cpu().double()

@@ -19,7 +19,7 @@ from fastelbo.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch", "8", "--x-dim", "50", "--z-dim", "6"]  # odd sizes, fast
 OPS = ("rsample", "gaussian_kl", "gaussian_kl (prior)", "bernoulli_log_prob", "gaussian_log_prob",
-       "elbo (bernoulli)", "elbo (gaussian)")
+       "elbo (bernoulli)", "elbo (gaussian)", "rsample (K=4)", "elbo (K=4 samples)", "iwae_bound (K=4)", "free_bits_kl")
 
 
 def table_rows(text: str) -> list[list[str]]:

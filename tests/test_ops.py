@@ -15,7 +15,7 @@ import torch
 from torch.library import opcheck
 
 import fastelbo
-from fastelbo import _backend
+from fastelbo import _backend, _ops
 from fastelbo import functional as F
 from helpers import FUSED_BACKENDS, generator_for, rand, randn
 
@@ -83,7 +83,7 @@ def test_double_backward_is_never_silently_wrong(fused, request):
 # opcheck on every op
 # ---------------------------------------------------------------------------
 DEFAULT_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-FORWARD = ("rsample", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo")
+FORWARD = _ops.FAMILIES
 OPS = FORWARD + tuple(f + "_backward" for f in FORWARD) + ("philox_noise",)
 
 
@@ -112,9 +112,11 @@ def sample_inputs(op: str, device, requires_grad: bool, B=3, Dx=7, Dz=5):
         plv = rand((1, Dz), g, dtype=torch.float32).to(device).expand(rows, Dz)
         unit = lambda: t(x, 0.0, 1.0)  # noqa: E731
         if op == "rsample":
-            samples += [(t(z), t(z), seed, None), (t(z), t(z), seed, t(z))]
+            samples += [(t(z), t(z), seed, None), (t(z), t(z), seed, t(z)), (t(z), t(z), seed, None, 3),
+                        (t(z), t(z), seed, t((2, *z)), 2)]
         elif op == "rsample_backward":
-            samples += [(t(z), t(z), seed, None, [True, False]), (t(z), t(z), seed, t(z), [True, True])]
+            samples += [(t(z), t(z), seed, None, [True, False]), (t(z), t(z), seed, t(z), [True, True]),
+                        (t((3, *z)), t(z), seed, None, [True, True]), (t((2, *z)), t(z), seed, t((2, *z)), [True, True])]
         elif op == "gaussian_kl":
             samples += [(t(z), t(z), None, None), (t(z), t(z), t(z), t(z)), (t(z), t(z), pmu, plv)]
         elif op == "gaussian_kl_backward":
@@ -127,20 +129,47 @@ def sample_inputs(op: str, device, requires_grad: bool, B=3, Dx=7, Dz=5):
             samples += [(rowv(), t(x, -4, 4), unit(), [True, True]), (rowv(), t(x, -4, 4), unit(), [True, False])]
         elif op == "gaussian_log_prob":
             s_vec = rand((Dx,), g, dtype=torch.float32).to(device).expand(rows, Dx)
-            samples += [(t(x), t(x), t(x)), (t(x), t(x), s_vec)]
+            samples += [(t(x), t(x), t(x)), (t(x), t(x), s_vec), (t(x), t(x), t((1, Dx)))]
         elif op == "gaussian_log_prob_backward":
             samples += [(rowv(), t(x), t(x), t(x), [True, True, True]),
-                        (rowv(), t(x), t(x), t(x), [True, False, False])]
+                        (rowv(), t(x), t(x), t(x), [True, False, False]),
+                        (rowv(), t(x), t(x), t((1, Dx)), [True, True, True])]
         elif op == "elbo":
             samples += [(unit(), t(x, -4, 4), t(z), t(z), None, None, None, "bernoulli", 1.0),
                         (unit(), t(x, -4, 4), t(z), t(z), None, pmu, plv, "bernoulli", 0.5, True),
-                        (t(x), t(x), t(z), t(z), t(x), t(z), t(z), "gaussian", 2.0)]
+                        (t(x), t(x), t(z), t(z), t(x), t(z), t(z), "gaussian", 2.0),
+                        (unit(), t((2, *x), -4, 4), t(z), t(z), None, None, None, "bernoulli", 1.0, True),
+                        (t(x), t((3, *x)), t(z), t(z), t((1, Dx)), pmu, plv, "gaussian", 0.5)]
         elif op == "elbo_backward":
             all7 = [True] * 7
             samples += [(rowv(), None, None, unit(), t(x, -4, 4), t(z), t(z), None, None, None, "bernoulli", 1.0,
                          [False, True, True, True, False, False, False]),
                         (rowv(), rowv(), rowv(), t(x), t(x), t(z), t(z), t(x), t(z), t(z), "gaussian", 0.3, all7),
-                        (None, rowv(), None, t(x), t(x), t(z), t(z), t(x), pmu, plv, "gaussian", 0.3, all7)]
+                        (None, rowv(), None, t(x), t(x), t(z), t(z), t(x), pmu, plv, "gaussian", 0.3, all7),
+                        (rowv(), None, rowv(), t(x), t((3, *x)), t(z), t(z), t((1, Dx)), None, None, "gaussian", 0.3,
+                         all7),
+                        (rowv(), rowv(), None, unit(), t((2, *x), -4, 4), t(z), t(z), None, pmu, plv, "bernoulli",
+                         1.0, all7)]
+        elif op == "iwae_bound":
+            samples += [(unit(), t((3, *x), -4, 4), t((3, *z)), t(z), t(z), None, None, None, "bernoulli"),
+                        (unit(), t((2, *x), -4, 4), t((2, *z)), t(z), t(z), None, pmu, plv, "bernoulli", True),
+                        (t(x), t((3, *x)), t((3, *z)), t(z), t(z), t((1, Dx)), t(z), t(z), "gaussian")]
+        elif op == "iwae_bound_backward":
+            all8 = [True] * 8
+            samples += [(t((3, rows), grad=False), unit(), t((3, *x), -4, 4), t((3, *z)), t(z), t(z), None, None, None,
+                         "bernoulli", all8),
+                        (t((2, rows), grad=False), t(x), t((2, *x)), t((2, *z)), t(z), t(z), t((1, Dx)), pmu, plv,
+                         "gaussian", all8),
+                        (t((2, rows), grad=False), t(x), t((2, *x)), t((2, *z)), t(z), t(z), t(x), None, None,
+                         "gaussian", [False, True, False, True, False, True, False, False])]
+        elif op == "free_bits_kl":
+            if rows == 0:  # kl_dims is NaN (a mean over no rows, as torch.mean), and opcheck's NaN != NaN;
+                continue   # the empty batch is covered by tests/test_bounds.py
+            samples += [(t(z), t(z), None, None, 0.1), (t(z), t(z), pmu, plv, 0.3), (t(z), t(z), t(z), t(z), 0.0)]
+        elif op == "free_bits_kl_backward":
+            samples += [(rowv(), t((Dz,), 0.0, 0.2, grad=False), t(z), t(z), None, None, 0.1,
+                         [True, True, False, False]),
+                        (rowv(), t((Dz,), 0.0, 0.6, grad=False), t(z), t(z), pmu, plv, 0.3, [True, True, True, True])]
         elif op == "philox_noise":
             samples += [(seed, 4 * rows + 3, False, torch.float32), (seed, 4 * rows + 1, True, torch.float64)]
         else:

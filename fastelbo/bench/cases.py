@@ -303,6 +303,63 @@ class Step(Op):
                 "writes": {"z": nz, "loss": 1, "drecon": nx, "dmu": nz, "dlogvar": nz}}
 
 
+class IWAE(Op):
+    """The importance-weighted bound over K = 4 samples (Bernoulli, N(0, I) prior)."""
+
+    name = "iwae"
+    K = 4
+    wrt = ("recon", "z", "mu", "logvar")
+    description = "IWAE bound over K=4 samples (Bernoulli) per row; backward with softmax weights"
+
+    def tensor_specs(self, s):
+        return {"recon": ((self.K, s.B, s.Dx), "normal"), "x": ((s.B, s.Dx), "unit"),
+                "z": ((self.K, s.B, s.Dz), "normal"), "mu": ((s.B, s.Dz), "normal"),
+                "logvar": ((s.B, s.Dz), "small")}
+
+    def grad_specs(self, s):
+        return ((s.B,),)
+
+    def reference(self, t, eps):
+        return (R.iwae_bound(t["x"], t["recon"], t["z"], t["mu"], t["logvar"]),)
+
+    def fastelbo(self, t, backend):
+        import fastelbo
+
+        return (fastelbo.iwae_bound(t["x"], t["recon"], t["z"], t["mu"], t["logvar"], backend=backend),)
+
+    def model(self, s, pass_):
+        nx, nz, K = s.B * s.Dx, s.B * s.Dz, self.K
+        reads = {"recon": K * nx, "x": nx, "z": K * nz, "mu": nz, "logvar": nz}
+        writes = {"bound": s.B, "log_weights": K * s.B}
+        if pass_ == "fwd":
+            return {"reads": reads, "writes": writes}
+        return {"reads": {**reads, "grad": s.B},
+                "writes": {**writes, "drecon": K * nx, "dz": K * nz, "dmu": nz, "dlogvar": nz}}
+
+
+class FreeBits(Op):
+    name = "free_bits"
+    wrt = ("mu", "logvar")
+    description = "KL per row with free bits (lambda = 0.1 nats per dimension)"
+
+    def tensor_specs(self, s):
+        return GaussianKL().tensor_specs(s)
+
+    def grad_specs(self, s):
+        return ((s.B,),)
+
+    def reference(self, t, eps):
+        return (R.free_bits_kl(t["mu"], t["logvar"], 0.1),)
+
+    def fastelbo(self, t, backend):
+        import fastelbo
+
+        return (fastelbo.free_bits_kl(t["mu"], t["logvar"], 0.1, backend=backend),)
+
+    def model(self, s, pass_):
+        return GaussianKL().model(s, pass_)
+
+
 @functools.lru_cache(maxsize=None)
 def _loss_module(backend: str):
     import fastelbo
@@ -310,7 +367,8 @@ def _loss_module(backend: str):
     return fastelbo.ELBOLoss(likelihood="bernoulli", backend=backend)
 
 
-OPS: dict[str, Op] = {op.name: op for op in (RSample(), GaussianKL(), Bernoulli(), Gaussian(), ELBO(), Step())}
+OPS: dict[str, Op] = {op.name: op for op in (RSample(), GaussianKL(), Bernoulli(), Gaussian(), ELBO(), IWAE(),
+                                              FreeBits(), Step())}
 
 
 def bytes_model(op: str, shape: Shape, pass_: str, itemsize: int) -> dict:

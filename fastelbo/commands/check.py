@@ -112,6 +112,15 @@ def make_cases(batch: int, x_dim: int, z_dim: int, seed: int) -> list[Case]:
              lambda api, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar: tuple(
                  api("elbo")(x, recon, mu, logvar, likelihood="gaussian", obs_logvar=obs_logvar, prior_mu=prior_mu,
                              prior_logvar=prior_logvar, beta=0.5))),
+        Case("rsample (K=4)", latent(),
+             lambda api, mu, logvar: (api("rsample")(mu, logvar, num_samples=4, seed=rsample_seed),)),
+        Case("elbo (K=4 samples)", {"x": rand(B, Dx), "recon": randn(4, B, Dx, scale=2.0), **latent()},
+             lambda api, x, recon, mu, logvar: tuple(api("elbo")(x, recon, mu, logvar, beta=0.7))),
+        Case("iwae_bound (K=4)",
+             {"x": rand(B, Dx), "recon": randn(4, B, Dx, scale=2.0), "z": randn(4, B, Dz), **latent()},
+             lambda api, x, recon, z, mu, logvar: (api("iwae_bound")(x, recon, z, mu, logvar),)),
+        Case("free_bits_kl", latent(),
+             lambda api, mu, logvar: (api("free_bits_kl")(mu, logvar, 0.3),)),
     ]
 
 
