@@ -38,7 +38,8 @@ FASTELBO_HD V log1p_unit_series(V t) {
 }
 
 // ---------------------------------------------------------------------------
-// Math<V>: exp, log, log1p, log1p_unit (t in (0, 1]), sqrt, sin, cos, abs, max0 (max(x, 0)) and
+// Math<V>: exp, exp_neg_abs (e^-|x|), log, log1p, log1p_unit (t in (0, 1]), inv1p_unit
+// (1 / (1 + t), t in [0, 1]), sqrt, sin, cos, abs, max0 (max(x, 0)) and
 // select_nonneg(x, a, b) = (x >= 0 ? a : b). Scalars here; vectors in
 // csrc/cpu/vec_math.h.
 // ---------------------------------------------------------------------------
@@ -48,9 +49,11 @@ struct Math;
 template <>
 struct Math<float> {
   static FASTELBO_HD float exp(float x) { return ::expf(x); }
+  static FASTELBO_HD float exp_neg_abs(float x) { return ::expf(-::fabsf(x)); }
   static FASTELBO_HD float log(float x) { return ::logf(x); }
   static FASTELBO_HD float log1p(float x) { return ::log1pf(x); }
   static FASTELBO_HD float log1p_unit(float t) { return log1p_unit_series(t); }
+  static FASTELBO_HD float inv1p_unit(float t) { return 1.0f / (1.0f + t); }
   static FASTELBO_HD float sqrt(float x) { return ::sqrtf(x); }
   static FASTELBO_HD float sin(float x) { return ::sinf(x); }
   static FASTELBO_HD float cos(float x) { return ::cosf(x); }
@@ -64,9 +67,11 @@ struct Math<float> {
 template <>
 struct Math<double> {
   static FASTELBO_HD double exp(double x) { return ::exp(x); }
+  static FASTELBO_HD double exp_neg_abs(double x) { return ::exp(-::fabs(x)); }
   static FASTELBO_HD double log(double x) { return ::log(x); }
   static FASTELBO_HD double log1p(double x) { return ::log1p(x); }
   static FASTELBO_HD double log1p_unit(double t) { return ::log1p(t); }
+  static FASTELBO_HD double inv1p_unit(double t) { return 1.0 / (1.0 + t); }
   static FASTELBO_HD double sqrt(double x) { return ::sqrt(x); }
   static FASTELBO_HD double sin(double x) { return ::sin(x); }
   static FASTELBO_HD double cos(double x) { return ::cos(x); }
@@ -189,14 +194,14 @@ FASTELBO_HD void log_pq_normal_grad(V g, V z, V mu, V lv, V pmu, V plv, V& dz, V
 // ---------------------------------------------------------------------------
 template <class V>
 FASTELBO_HD V bernoulli_ll(V l, V x) {
-  const V t = Math<V>::exp(V(0) - Math<V>::abs(l));
+  const V t = Math<V>::exp_neg_abs(l);
   return V(0) - ((V(1) - x) * l + Math<V>::max0(V(0) - l) + Math<V>::log1p_unit(t));
 }
 
 template <class V>
 FASTELBO_HD V sigmoid(V l) {
-  const V t = Math<V>::exp(V(0) - Math<V>::abs(l));
-  const V r = V(1) / (V(1) + t);
+  const V t = Math<V>::exp_neg_abs(l);
+  const V r = Math<V>::inv1p_unit(t);
   return Math<V>::select_nonneg(l, r, t * r);
 }
 

@@ -13,28 +13,39 @@
 #include <vector>
 
 #include "checks.h"
+#include "philox_vec.h"
 #include "rows.h"
 
 namespace fastelbo {
 namespace cpu {
 namespace {
 
-// eps for logical elements [n0, n0 + count) into out: Philox per group of four
-// (scalar integer work), Box-Muller on whole vectors of groups.
+// eps for logical elements [n0, n0 + count) into out: Philox per group of four,
+// sixteen groups per AVX-512 register where the CPU has it (philox_vec.h), and
+// Box-Muller on whole vectors of groups.
 template <class A>
 void fill_normals(uint64_t seed, uint64_t n0, int64_t count, A* out) {
-  using Vec = at::vec::Vectorized<A>;
-  constexpr int64_t W = Vec::size();
   constexpr int64_t kGroups = kChunk / 4 + 2;
-  alignas(64) A u[4][kGroups];
-  alignas(64) A z[4][kGroups];
+  constexpr int64_t kBlocks = (kGroups + 15) / 16;  // of 16 groups
   const uint64_t g0 = n0 >> 2;
   const int64_t groups = static_cast<int64_t>(((n0 + count + 3) >> 2) - g0);
   TORCH_INTERNAL_ASSERT(groups <= kGroups);
-  for (int64_t g = 0; g < groups; ++g) {
-    const Philox4 bits = philox4x32_10(g0 + g, seed);
-    for (int l = 0; l < 4; ++l) u[l][g] = static_cast<A>(philox_uniform(bits.v[l]));
+#if defined(FASTELBO_PHILOX_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    alignas(64) float z[kBlocks * 64];
+    philox_normals_interleaved(seed, g0, (groups + 15) / 16, z);
+    std::memcpy(out, z + (n0 & 3), static_cast<size_t>(count) * sizeof(float));
+    return;
   }
+#endif
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  alignas(64) float uf[4][kBlocks * 16];
+  alignas(64) A u[4][kGroups];
+  alignas(64) A z[4][kGroups];
+  philox_uniforms(seed, g0, groups, &uf[0][0], kBlocks * 16);
+  for (int l = 0; l < 4; ++l)
+    for (int64_t g = 0; g < groups; ++g) u[l][g] = static_cast<A>(uf[l][g]);
   for (int64_t g = 0; g < groups; g += W) {
     const int64_t w = std::min(W, groups - g);
     Vec n[4];
@@ -215,9 +226,13 @@ at::Tensor philox_noise_cpu(const at::Tensor& seed, int64_t n, bool normal, at::
         if (normal) {
           fill_normals<scalar_t>(s, j, c, buf);
         } else {
+          constexpr int64_t kStride = (kChunk / 4 + 2 + 15) / 16 * 16;
+          alignas(64) float u[4][kStride];
+          const uint64_t g0 = static_cast<uint64_t>(j) >> 2;
+          philox_uniforms(s, g0, static_cast<int64_t>(((j + c + 3) >> 2) - g0), &u[0][0], kStride);
           for (int64_t k = 0; k < c; ++k) {
             const uint64_t m = j + k;
-            buf[k] = philox_uniform(philox4x32_10(m >> 2, s).v[m & 3]);
+            buf[k] = u[m & 3][(m >> 2) - g0];
           }
         }
         std::copy(buf, buf + c, p + j);
