@@ -169,3 +169,20 @@ def test_cuda_emulated_runs_cpu_tensors_and_never_falls_back(monkeypatch, spy):
     with pytest.raises(RuntimeError, match="cuda-emulated.*simulated"):  # the reference would pass every test
         F.gaussian_kl(mu, lv, backend="cuda-emulated")
     assert spy.calls == []
+
+
+def test_triton_loads_where_it_is_installed():
+    """triton is a dependency on Linux: if it imports, the Triton backend must load here (CPU tensors under the
+    interpreter, which tests/conftest.py switches on). A broken install -- e.g. an editable install pointing at
+    another checkout, where fastelbo.kernels does not import -- would otherwise turn every Triton test into a
+    skip."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is not 1 (set by tests/conftest.py when there is no GPU)")
+    ok, why = _backend.available("triton", device)
+    assert ok, f"triton is installed but fastelbo's Triton backend does not load: {why}"
