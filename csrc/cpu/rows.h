@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -181,12 +182,19 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
 // is set instead: sums over samples or rows stay in accumulation-typed row buffers.
 // f(Vec g, std::array<Vec, N> v, std::array<Vec, M>& out).
 // (kAdd = false: no add rows, the plain store loop of map_row.)
+// stream: the outputs are large (far beyond L2): unit-stride float32 rows whose
+// chunk starts vector-aligned are written with non-temporal stores (no
+// read-for-ownership of the destination). Only inside parallel_blocks, which
+// fences each block's streaming stores before the block ends (a fence per row
+// costs more than the stores save).
 template <class T, size_t N, size_t M, class F, bool kAdd = true>
 void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t<T> g,
-                 const std::array<T*, M>& out_rows, const std::array<acc_t<T>*, M>& add_rows, F f) {
+                 const std::array<T*, M>& out_rows, const std::array<acc_t<T>*, M>& add_rows, F f,
+                 bool stream = false) {
   using A = acc_t<T>;
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  if constexpr (!(std::is_same_v<T, A> && kCanStream<Vec>)) stream = false;
   alignas(64) A scratch[N][kChunk];
   alignas(64) A result[M][kChunk];
   const Vec gv(g);
@@ -197,6 +205,10 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
     const auto pf = prefetch_rows(in, i, j);
     std::array<Vec, N> v;
     std::array<Vec, M> o;
+    std::array<bool, M> nt{};
+    if (stream)
+      for (size_t m = 0; m < M; ++m)
+        nt[m] = out_rows[m] && reinterpret_cast<uintptr_t>(out_rows[m] + j) % sizeof(Vec) == 0;
     for (int64_t k = 0; k < n; k += W) {
       const int64_t w = std::min(W, n - k);
       prefetch_at(pf, k);
@@ -210,7 +222,10 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
         }
         if (!out_rows[m]) continue;
         if constexpr (std::is_same_v<T, A>) {
-          o[m].store(out_rows[m] + j + k, w);
+          if (nt[m] && w == W)
+            stream_store(out_rows[m] + j + k, o[m]);
+          else
+            o[m].store(out_rows[m] + j + k, w);
         } else {
           o[m].store(result[m] + k, w);
         }
@@ -225,9 +240,13 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
 
 template <class T, size_t N, size_t M, class F>
 void map_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, acc_t<T> g,
-             const std::array<T*, M>& out_rows, F f) {
-  map_row_add<T, N, M, F, false>(in, i, cols, g, out_rows, std::array<acc_t<T>*, M>{}, f);
+             const std::array<T*, M>& out_rows, F f, bool stream = false) {
+  map_row_add<T, N, M, F, false>(in, i, cols, g, out_rows, std::array<acc_t<T>*, M>{}, f, stream);
 }
+
+// Outputs at least this many elements are written with non-temporal stores
+// (map_row's stream): far beyond L2, they would only evict the inputs.
+constexpr int64_t kStreamElements = int64_t(1) << 20;
 
 // Rows [0, rows) cut into `parts` fixed blocks, f(part, r0, r1) on them in
 // parallel. A backward that sums over rows (a [1, D] parameter's gradient)
@@ -247,6 +266,7 @@ template <class F>
 void parallel_blocks(const RowBlocks& blocks, F f) {
   at::parallel_for(0, blocks.parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) f(p, blocks.begin(p), blocks.begin(p + 1));
+    stream_fence();  // map_row's non-temporal stores, visible before the task ends
   });
 }
 

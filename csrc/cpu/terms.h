@@ -89,9 +89,11 @@ struct LogLikTerm {
   Samples<T> recon;
   Operand<T> x, s;
   int64_t cols;
+  bool stream;  // outputs the size of recon / x: non-temporal stores in backward (inside parallel_blocks only)
 
   LogLikTerm(Likelihood kind_, const at::Tensor& recon_, const at::Tensor& x_, const std::optional<at::Tensor>& s_)
-      : kind(kind_), recon(samples<T>(recon_)), x(operand<T>(x_)), cols(x_.size(1)) {
+      : kind(kind_), recon(samples<T>(recon_)), x(operand<T>(x_)), cols(x_.size(1)),
+        stream(x_.numel() >= kStreamElements) {
     if (kind == Likelihood::kGaussian) s = operand<T>(*s_);
   }
 
@@ -113,6 +115,7 @@ struct LogLikTerm {
                             [](const std::array<Vec, 3>& v) { return gaussian_ll(v[0], v[1], v[2]); });
   }
 
+  // Called inside parallel_blocks (it fences the non-temporal stores of large outputs).
   // out = {drecon, dx, ds} rows (nullptr: not wanted; ds unused for Bernoulli);
   // add = accumulation-typed rows that sum an output instead (over samples or rows).
   void backward(int64_t i, A g, const std::array<T*, 3>& out, const std::array<A*, 3>& add = {},
@@ -123,12 +126,12 @@ struct LogLikTerm {
         map_row<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]},
                          [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
                            bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
-                         });
+                         }, stream);
       } else {
         map_row<T, 3, 3>({r, x, s}, i, cols, g, out,
                          [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
                            gaussian_ll_grad(gv, v[0], v[1], v[2], o[0], o[1], o[2]);
-                         });
+                         }, stream);
       }
       return;
     }

@@ -136,4 +136,33 @@ struct Math<at::vec::Vectorized<T>> {
   static V select_nonneg(const V& x, const V& a, const V& b) { return V::blendv(b, a, x >= V(T(0))); }
 };
 
+// Non-temporal (streaming) stores of whole float32 vectors to vector-aligned
+// addresses: large outputs written once skip the read-for-ownership of their
+// destination. Only with AVX-512 (kCanStream false elsewhere: plain stores);
+// the writer issues stream_fence() before its task ends.
+template <class V>
+inline constexpr bool kCanStream =
+#if defined(FASTELBO_VEC_AVX512)
+    std::is_same_v<typename V::value_type, float> && sizeof(V) == 64;
+#else
+    false;
+#endif
+
+template <class V>
+inline void stream_store(typename V::value_type* p, const V& v) {
+#if defined(FASTELBO_VEC_AVX512)
+  if constexpr (kCanStream<V>) {
+    _mm512_stream_ps(p, static_cast<__m512>(v));
+    return;
+  }
+#endif
+  v.store(p);
+}
+
+inline void stream_fence() {
+#if defined(FASTELBO_VEC_AVX512)
+  _mm_sfence();
+#endif
+}
+
 }  // namespace fastelbo
