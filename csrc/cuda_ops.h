@@ -36,16 +36,23 @@
 namespace fastelbo {
 namespace cuda_ops {
 
+using cpu::acc_dtype;
 using cpu::check_2d;
 using cpu::check_dtype;
 using cpu::check_elbo_shapes;
+using cpu::check_free_bits;
+using cpu::check_free_bits_backward;
 using cpu::check_iwae_shapes;
 using cpu::check_kl_args;
 using cpu::check_like;
+using cpu::check_log_weights_grad;
 using cpu::check_row_grad;
 using cpu::check_row_or_feature;
 using cpu::check_samples;
+using cpu::elbo_grads;
 using cpu::grad_or_empty;
+using cpu::iwae_grads;
+using cpu::kl_grads;
 using cuda::DType;
 using cuda::ElboArgs;
 using cuda::IwaeArgs;
@@ -70,8 +77,6 @@ inline DType dtype_of(at::ScalarType t) {
       TORCH_CHECK(false, "fastelbo: the CUDA kernels support float16, bfloat16, float32 and float64, got ", t);
   }
 }
-
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The stride of a size-1 dimension is meaningless: 0 makes it broadcast.
 inline int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) == 1 ? 0 : t.stride(d); }
@@ -128,11 +133,6 @@ inline LikelihoodKind parse_likelihood(std::string_view name) {
   if (name == "bernoulli") return LikelihoodKind::kBernoulli;
   if (name == "gaussian") return LikelihoodKind::kGaussian;
   TORCH_CHECK(false, "fastelbo: likelihood must be 'bernoulli' or 'gaussian', got '", std::string(name), "'");
-}
-
-inline void check_free_bits(double free_bits) {
-  TORCH_CHECK(!std::isnan(free_bits) && free_bits >= 0.0, "fastelbo: free_bits must be >= 0 (nats), got ",
-              free_bits);
 }
 
 // The likelihood and latent arguments of the fused ops as the launchers take them.
@@ -270,9 +270,7 @@ struct Ops {
                   {{&lv, "logvar"}, {&g, "grad"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
     const Guard guard(mu);
     const bool has_prior = prior_mu.has_value();
-    std::array<at::Tensor, 4> d = {grad_or_empty(output_mask[0], mu), grad_or_empty(output_mask[1], mu),
-                                   grad_or_empty(output_mask[2] && has_prior, mu),
-                                   grad_or_empty(output_mask[3] && has_prior, mu)};
+    std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
     if (mu.numel() > 0) {
       cuda::gaussian_kl_backward(dtype_of(mu.scalar_type()), mu.size(0), mu.size(1), vec(g), mat(mu), mat(logvar),
                                  mat(prior_mu), mat(prior_logvar), ptr(d[0]), ptr(d[1]), ptr(d[2]), ptr(d[3]),
@@ -314,21 +312,14 @@ struct Ops {
       const Opt& prior_mu, const Opt& prior_logvar, double free_bits, std::array<bool, 4> output_mask) {
     check_kl_args(mu, logvar, prior_mu, prior_logvar);
     check_row_grad(grad, "grad", mu);
-    check_free_bits(free_bits);
-    const auto acc = acc_dtype(mu.scalar_type());
-    TORCH_CHECK(kl_dims.dim() == 1 && kl_dims.size(0) == mu.size(1), "fastelbo: kl_dims must have shape [",
-                mu.size(1), "], got ", kl_dims.sizes());
-    TORCH_CHECK(kl_dims.scalar_type() == acc, "fastelbo: kl_dims must have dtype ", acc, ", got ",
-                kl_dims.scalar_type());
+    check_free_bits_backward(kl_dims, mu, free_bits);
     const Opt lv(logvar), g(grad), kd(kl_dims);
     Device::check(mu, "mu",
                   {{&lv, "logvar"}, {&g, "grad"}, {&kd, "kl_dims"}, {&prior_mu, "prior_mu"},
                    {&prior_logvar, "prior_logvar"}});
     const Guard guard(mu);
     const bool has_prior = prior_mu.has_value();
-    std::array<at::Tensor, 4> d = {grad_or_empty(output_mask[0], mu), grad_or_empty(output_mask[1], mu),
-                                   grad_or_empty(output_mask[2] && has_prior, mu),
-                                   grad_or_empty(output_mask[3] && has_prior, mu)};
+    std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
     if (mu.numel() > 0) {
       cuda::free_bits_kl_backward(dtype_of(mu.scalar_type()), mu.size(0), mu.size(1), vec(g),
                                   kl_dims.const_data_ptr(), kl_dims.stride(0), mat(mu), mat(logvar), mat(prior_mu),
@@ -473,13 +464,7 @@ struct Ops {
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar);
     Device::check(recon, "recon", {{&grad_elbo, "grad_elbo"}, {&grad_loglik, "grad_loglik"}, {&grad_kl, "grad_kl"}});
     const Guard guard(recon);
-    std::array<at::Tensor, 7> d = {grad_or_empty(output_mask[0], x),
-                                   grad_or_empty(output_mask[1], recon),
-                                   grad_or_empty(output_mask[2], mu),
-                                   grad_or_empty(output_mask[3], mu),
-                                   grad_or_empty(output_mask[4] && gaussian, gaussian ? *obs_logvar : recon),
-                                   grad_or_empty(output_mask[5] && has_prior, mu),
-                                   grad_or_empty(output_mask[6] && has_prior, mu)};
+    std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior);
     const ElboArgs a = fused_args(K, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind, beta);
     if (a.rows == 0 || (a.cols_x == 0 && a.cols_z == 0)) {
       if (d[4].numel()) d[4].zero_();  // a [1, Dx] obs_logvar of an empty batch: nothing summed
@@ -533,24 +518,12 @@ struct Ops {
     const bool gaussian = kind == LikelihoodKind::kGaussian, has_prior = prior_mu.has_value();
     const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     const int64_t B = x.size(0);
-    const auto acc = acc_dtype(x.scalar_type());
-    TORCH_CHECK(grad_log_weights.dim() == 2 && grad_log_weights.size(0) == K && grad_log_weights.size(1) == B,
-                "fastelbo: grad_log_weights must have shape [", K, ", ", B, "] (that of log_weights), got ",
-                grad_log_weights.sizes());
-    TORCH_CHECK(grad_log_weights.scalar_type() == acc, "fastelbo: grad_log_weights must have dtype ", acc,
-                " (the accumulation dtype of ", x.scalar_type(), "), got ", grad_log_weights.scalar_type());
+    check_log_weights_grad(grad_log_weights, K, x);
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, Opt(z));
     const Opt glw(grad_log_weights);
     Device::check(recon, "recon", {{&glw, "grad_log_weights"}});
     const Guard guard(recon);
-    std::array<at::Tensor, 8> d = {grad_or_empty(output_mask[0], x),
-                                   grad_or_empty(output_mask[1], recon),
-                                   grad_or_empty(output_mask[2], z),
-                                   grad_or_empty(output_mask[3], mu),
-                                   grad_or_empty(output_mask[4], mu),
-                                   grad_or_empty(output_mask[5] && gaussian, gaussian ? *obs_logvar : x),
-                                   grad_or_empty(output_mask[6] && has_prior, mu),
-                                   grad_or_empty(output_mask[7] && has_prior, mu)};
+    std::array<at::Tensor, 8> d = iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior);
     const IwaeArgs a = fused_args(K, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind, 1.0);
     if (B == 0 || (a.cols_x == 0 && a.cols_z == 0)) {
       if (d[5].numel()) d[5].zero_();  // a [1, Dx] obs_logvar of an empty batch: nothing summed

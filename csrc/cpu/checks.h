@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <cmath>
 #include <optional>
 
 namespace fastelbo {
@@ -121,10 +123,67 @@ inline int64_t check_iwae_shapes(const at::Tensor& x, const at::Tensor& recon, c
   return K;
 }
 
+// The accumulation dtype of a floating dtype (DESIGN §1): float64 for float64, else float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_free_bits(double free_bits) {
+  TORCH_CHECK(!std::isnan(free_bits) && free_bits >= 0.0, "fastelbo: free_bits must be >= 0 (nats), got ",
+              free_bits);
+}
+
+// The arguments of free_bits_kl_backward beyond the KL ones: the floor and kl_dims [Dz] (accumulation dtype).
+inline void check_free_bits_backward(const at::Tensor& kl_dims, const at::Tensor& mu, double free_bits) {
+  check_free_bits(free_bits);
+  const auto acc = acc_dtype(mu.scalar_type());
+  TORCH_CHECK(kl_dims.dim() == 1 && kl_dims.size(0) == mu.size(1), "fastelbo: kl_dims must have shape [",
+              mu.size(1), "], got ", kl_dims.sizes());
+  TORCH_CHECK(kl_dims.scalar_type() == acc, "fastelbo: kl_dims must have dtype ", acc, ", got ",
+              kl_dims.scalar_type());
+}
+
+// grad_log_weights of iwae_bound_backward: [K, B] in the accumulation dtype of x (that of log_weights).
+inline void check_log_weights_grad(const at::Tensor& grad_log_weights, int64_t K, const at::Tensor& x) {
+  const int64_t B = x.size(0);
+  const auto acc = acc_dtype(x.scalar_type());
+  TORCH_CHECK(grad_log_weights.dim() == 2 && grad_log_weights.size(0) == K && grad_log_weights.size(1) == B,
+              "fastelbo: grad_log_weights must have shape [", K, ", ", B, "] (that of log_weights), got ",
+              grad_log_weights.sizes());
+  TORCH_CHECK(grad_log_weights.scalar_type() == acc, "fastelbo: grad_log_weights must have dtype ", acc,
+              " (the accumulation dtype of ", x.scalar_type(), "), got ", grad_log_weights.scalar_type());
+}
+
 // Result of a gradient the caller did not ask for.
 inline at::Tensor grad_or_empty(bool wanted, const at::Tensor& like) {
   const auto opts = like.options().memory_format(at::MemoryFormat::Contiguous);
   return wanted ? at::empty(like.sizes(), opts) : at::empty({0}, opts);
+}
+
+// The gradient results of the backward ops, in their input order; the prior's only with a prior, the
+// observation log-variance's only for the Gaussian likelihood (then in obs_logvar's own shape).
+inline std::array<at::Tensor, 4> kl_grads(std::array<bool, 4> mask, const at::Tensor& mu, bool has_prior) {
+  return {grad_or_empty(mask[0], mu), grad_or_empty(mask[1], mu), grad_or_empty(mask[2] && has_prior, mu),
+          grad_or_empty(mask[3] && has_prior, mu)};
+}
+
+// (x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar)
+inline std::array<at::Tensor, 7> elbo_grads(std::array<bool, 7> mask, const at::Tensor& x, const at::Tensor& recon,
+                                            const at::Tensor& mu, const std::optional<at::Tensor>& obs_logvar,
+                                            bool gaussian, bool has_prior) {
+  return {grad_or_empty(mask[0], x),  grad_or_empty(mask[1], recon),
+          grad_or_empty(mask[2], mu), grad_or_empty(mask[3], mu),
+          grad_or_empty(mask[4] && gaussian, gaussian ? *obs_logvar : x),
+          grad_or_empty(mask[5] && has_prior, mu), grad_or_empty(mask[6] && has_prior, mu)};
+}
+
+// (x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar)
+inline std::array<at::Tensor, 8> iwae_grads(std::array<bool, 8> mask, const at::Tensor& x, const at::Tensor& recon,
+                                            const at::Tensor& z, const at::Tensor& mu,
+                                            const std::optional<at::Tensor>& obs_logvar, bool gaussian,
+                                            bool has_prior) {
+  return {grad_or_empty(mask[0], x),  grad_or_empty(mask[1], recon),
+          grad_or_empty(mask[2], z),  grad_or_empty(mask[3], mu),
+          grad_or_empty(mask[4], mu), grad_or_empty(mask[5] && gaussian, gaussian ? *obs_logvar : x),
+          grad_or_empty(mask[6] && has_prior, mu), grad_or_empty(mask[7] && has_prior, mu)};
 }
 
 }  // namespace cpu

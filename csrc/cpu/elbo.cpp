@@ -64,11 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_row_grad(grad_elbo, "grad_elbo", x);
   check_row_grad(grad_loglik, "grad_loglik", x);
   check_row_grad(grad_kl, "grad_kl", x);
-  std::array<at::Tensor, 7> d = {
-      grad_or_empty(output_mask[0], x),       grad_or_empty(output_mask[1], recon),
-      grad_or_empty(output_mask[2], mu),      grad_or_empty(output_mask[3], mu),
-      grad_or_empty(output_mask[4] && gaussian, gaussian ? *obs_logvar : x), grad_or_empty(output_mask[5] && has_prior, mu),
-      grad_or_empty(output_mask[6] && has_prior, mu)};
+  std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior);
   const int64_t B = x.size(0), Dx = x.size(1);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
   const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;

@@ -19,11 +19,6 @@ namespace fastelbo {
 namespace cpu {
 namespace {
 
-void check_free_bits(double free_bits) {
-  TORCH_CHECK(!std::isnan(free_bits) && free_bits >= 0.0, "fastelbo: free_bits must be >= 0 (nats), got ",
-              free_bits);
-}
-
 // The [1, Dz] 0/1 mask of dimensions at or above the floor (exact in every dtype).
 template <class T, class A>
 at::Tensor active_mask(const A* kl_dims, int64_t stride, int64_t dz, double free_bits, const at::Tensor& like,
@@ -104,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> free_bits_kl_cpu(const at::Tensor& mu, const 
   check_free_bits(free_bits);
   const int64_t B = mu.size(0), Dz = mu.size(1);
   auto kl = row_result(mu);
-  auto kl_dims = at::empty({Dz}, mu.options().dtype(mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
+  auto kl_dims = at::empty({Dz}, mu.options().dtype(acc_dtype(mu.scalar_type()))
                                      .memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_free_bits_kl_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -138,16 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> free_bits_kl_backward
     std::array<bool, 4> output_mask) {
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
-  check_free_bits(free_bits);
-  const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(kl_dims.dim() == 1 && kl_dims.size(0) == mu.size(1), "fastelbo: kl_dims must have shape [",
-              mu.size(1), "], got ", kl_dims.sizes());
-  TORCH_CHECK(kl_dims.scalar_type() == acc, "fastelbo: kl_dims must have dtype ", acc, ", got ",
-              kl_dims.scalar_type());
+  check_free_bits_backward(kl_dims, mu, free_bits);
   const bool has_prior = prior_mu.has_value();
-  std::array<at::Tensor, 4> d = {grad_or_empty(output_mask[0], mu), grad_or_empty(output_mask[1], mu),
-                                 grad_or_empty(output_mask[2] && has_prior, mu),
-                                 grad_or_empty(output_mask[3] && has_prior, mu)};
+  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_free_bits_kl_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);

@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> iwae_bound_cpu(const at::Tensor& x, const at:
                                       kind == Likelihood::kGaussian);
   const int64_t B = x.size(0);
   auto bound = row_result(x);
-  auto log_weights = at::empty({K, B}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
+  auto log_weights = at::empty({K, B}, x.options().dtype(acc_dtype(x.scalar_type()))
                                            .memory_format(at::MemoryFormat::Contiguous));
   std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastelbo_iwae_bound_cpu", [&] {
@@ -84,20 +84,8 @@ iwae_bound_backward_cpu(const at::Tensor& grad_log_weights, const at::Tensor& x,
   const bool gaussian = kind == Likelihood::kGaussian, has_prior = prior_mu.has_value();
   const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
   const int64_t B = x.size(0), Dx = x.size(1), Dz = mu.size(1);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_log_weights.dim() == 2 && grad_log_weights.size(0) == K && grad_log_weights.size(1) == B,
-              "fastelbo: grad_log_weights must have shape [", K, ", ", B, "] (that of log_weights), got ",
-              grad_log_weights.sizes());
-  TORCH_CHECK(grad_log_weights.scalar_type() == acc, "fastelbo: grad_log_weights must have dtype ", acc,
-              " (the accumulation dtype of ", x.scalar_type(), "), got ", grad_log_weights.scalar_type());
-  std::array<at::Tensor, 8> d = {grad_or_empty(output_mask[0], x),
-                                 grad_or_empty(output_mask[1], recon),
-                                 grad_or_empty(output_mask[2], z),
-                                 grad_or_empty(output_mask[3], mu),
-                                 grad_or_empty(output_mask[4], mu),
-                                 grad_or_empty(output_mask[5] && gaussian, gaussian ? *obs_logvar : x),
-                                 grad_or_empty(output_mask[6] && has_prior, mu),
-                                 grad_or_empty(output_mask[7] && has_prior, mu)};
+  check_log_weights_grad(grad_log_weights, K, x);
+  std::array<at::Tensor, 8> d = iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
   const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastelbo_iwae_bound_backward_cpu", [&] {

@@ -28,9 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
   const bool has_prior = prior_mu.has_value();
-  std::array<at::Tensor, 4> d = {grad_or_empty(output_mask[0], mu), grad_or_empty(output_mask[1], mu),
-                                 grad_or_empty(output_mask[2] && has_prior, mu),
-                                 grad_or_empty(output_mask[3] && has_prior, mu)};
+  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_backward_cpu", [&] {
     const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
     const auto g = row_scalar<scalar_t>(grad);
