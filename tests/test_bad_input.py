@@ -174,6 +174,31 @@ def test_bernoulli_range_check_edges(fused):
             F.bernoulli_log_prob(logits, x, backend=fused.name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("where", ["body", "second chunk", "row tail"])
+def test_bernoulli_range_check_anywhere_in_a_row(fused, dtype, where):
+    """A target outside [0, 1] is caught in every part of a row a kernel walks
+    separately (whole vectors, a later chunk, the ragged tail), also when NaNs
+    sit in the same vector lane before and after it (a NaN must not hide it)."""
+    rows, cols = 4, 1037  # two 512-column chunks and a 13-column tail (CPU); odd for every tile
+    col = {"body": 37, "second chunk": 600, "row tail": cols - 2}[where]
+    logits = torch.randn(rows, cols, dtype=dtype, device=fused.device)
+    for bad in (-0.5, 1.5):
+        x = unit(rows, cols).to(device=fused.device, dtype=dtype)
+        x[2, col] = bad
+        for lane_mate in (col - 16, col + 16):  # the same SIMD lane, before and after it
+            if lane_mate < cols:
+                x[2, lane_mate] = float("nan")
+        with pytest.raises(ValueError, match=r"\bx\b.*\[0, 1\]"):
+            F.bernoulli_log_prob(logits, x, backend=fused.name)
+        with pytest.raises(ValueError, match=r"\bx\b.*\[0, 1\]"):
+            F.elbo(x, logits, MU[:1].expand(rows, DZ).to(fused.device, dtype),
+                   LV[:1].expand(rows, DZ).to(fused.device, dtype), backend=fused.name)
+    x = unit(rows, cols).to(device=fused.device, dtype=dtype)
+    x[2, col] = float("nan")
+    assert torch.isnan(F.bernoulli_log_prob(logits, x, backend=fused.name)[2])
+
+
 # ---------------------------------------------------------------------------
 # Direct op calls (torch.ops.fastelbo.* / the Triton ops) check their arguments too.
 # ---------------------------------------------------------------------------

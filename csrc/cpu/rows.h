@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -144,15 +145,30 @@ inline void prefetch_at(const std::array<const T*, N>& pf, int64_t k) {
     if (pf[q]) __builtin_prefetch(pf[q] + k);
 }
 
+// Running [lo, hi] of one operand's values with NaN skipped (a NaN compares
+// false and leaves the bounds as they were): reduce_row keeps it in registers
+// beside the sum, so a range check costs two instructions per vector.
+template <class A>
+struct Bounds {
+  A lo = std::numeric_limits<A>::infinity();
+  A hi = -std::numeric_limits<A>::infinity();
+};
+
 // sum_j f(v_0[i, j], ..., v_{N-1}[i, j]) with f taking std::array<Vectorized, N>.
-// Chunk sums are added in double so long rows keep float32-rounding accuracy.
-template <class T, size_t N, class F>
-double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, F f) {
+// Each lane sums one chunk in A; the chunk sums are added per lane in double (one
+// horizontal sum per row), so long rows keep float32-rounding accuracy.
+// kWatch >= 0: also the bounds of operand kWatch's values, into *watch.
+template <class T, size_t N, int kWatch = -1, class F>
+double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, F f,
+                  Bounds<acc_t<T>>* watch = nullptr) {
   using A = acc_t<T>;
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  static_assert(kWatch < static_cast<int>(N), "kWatch names an operand");
   alignas(64) A scratch[N][kChunk];
-  double total = 0.0;
+  alignas(64) double totals[W] = {};
+  Vec lo(std::numeric_limits<A>::infinity()), hi(-std::numeric_limits<A>::infinity());
+  Bounds<A> tail_bounds;
   for (int64_t j = 0; j < cols; j += kChunk) {
     const int64_t n = std::min(kChunk, cols - j);
     const A* p[N];
@@ -164,16 +180,40 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
     for (; k + W <= n; k += W) {
       prefetch_at(pf, k);
       for (size_t q = 0; q < N; ++q) v[q] = Vec::loadu(p[q] + k);
+      if constexpr (kWatch >= 0) {
+        lo = Math<Vec>::running_min(lo, v[kWatch]);
+        hi = Math<Vec>::running_max(hi, v[kWatch]);
+      }
       acc += f(v);
     }
     if (k < n) {
       for (size_t q = 0; q < N; ++q) v[q] = Vec::loadu(p[q] + k, n - k);
       acc += Vec::set(Vec(A(0)), f(v), n - k);
+      if constexpr (kWatch >= 0) {
+        for (int64_t l = k; l < n; ++l) {
+          const A value = p[kWatch][l];
+          if (value < tail_bounds.lo) tail_bounds.lo = value;
+          if (value > tail_bounds.hi) tail_bounds.hi = value;
+        }
+      }
     }
     alignas(64) A lanes[W];
     acc.store(lanes);
-    for (int64_t l = 0; l < W; ++l) total += static_cast<double>(lanes[l]);
+    for (int64_t l = 0; l < W; ++l) totals[l] += static_cast<double>(lanes[l]);
   }
+  if constexpr (kWatch >= 0) {
+    alignas(64) A los[W], his[W];
+    lo.store(los);
+    hi.store(his);
+    for (int64_t l = 0; l < W; ++l) {
+      tail_bounds.lo = std::min(tail_bounds.lo, los[l]);
+      tail_bounds.hi = std::max(tail_bounds.hi, his[l]);
+    }
+    watch->lo = std::min(watch->lo, tail_bounds.lo);
+    watch->hi = std::max(watch->hi, tail_bounds.hi);
+  }
+  double total = 0.0;
+  for (int64_t l = 0; l < W; ++l) total += totals[l];
   return total;
 }
 

@@ -54,18 +54,6 @@ struct KLTerm {
 
 enum class Likelihood { kBernoulli, kGaussian };
 
-// Whether any lane of a comparison-mask vector is set.
-template <class Vec>
-inline bool any_lane_set(const Vec& mask) {
-  using A = typename Vec::value_type;
-  alignas(64) A lanes[Vec::size()];
-  mask.store(lanes);
-  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(lanes);
-  for (size_t b = 0; b < sizeof(lanes); ++b)
-    if (bytes[b]) return true;
-  return false;
-}
-
 inline void check_x_in_unit_interval(bool out_of_range) {
   TORCH_CHECK_VALUE(!out_of_range,
                     "fastelbo: x must lie in [0, 1] for the Bernoulli likelihood "
@@ -101,15 +89,12 @@ struct LogLikTerm {
   double forward(int64_t i, bool validate_x, bool& x_out_of_range, int64_t k = 0) const {
     const Operand<T> r = recon.sample(k);
     if (kind == Likelihood::kBernoulli) {
-      if (!validate_x)
-        return reduce_row<T, 2>({r, x}, i, cols, [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); });
-      Vec bad(A(0));
-      const double ll = reduce_row<T, 2>({r, x}, i, cols, [&bad](const std::array<Vec, 2>& v) {
-        bad = bad | (v[1] < Vec(A(0))) | (v[1] > Vec(A(1)));
-        return bernoulli_ll(v[0], v[1]);
-      });
-      x_out_of_range |= any_lane_set(bad);
-      return ll;
+      const auto ll = [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); };
+      if (!validate_x) return reduce_row<T, 2>({r, x}, i, cols, ll);
+      Bounds<A> seen;
+      const double sum = reduce_row<T, 2, 1>({r, x}, i, cols, ll, &seen);
+      x_out_of_range |= seen.lo < A(0) || seen.hi > A(1);
+      return sum;
     }
     return reduce_row<T, 3>({r, x, s}, i, cols,
                             [](const std::array<Vec, 3>& v) { return gaussian_ll(v[0], v[1], v[2]); });

@@ -133,6 +133,20 @@ struct Math<at::vec::Vectorized<T>> {
     return at::vec::maximum(x, V(T(0)));
   }
   static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // min(lo, x) / max(hi, x) that keep lo / hi where x is NaN (lo, hi never NaN).
+  static V running_min(const V& lo, const V& x) {
+#if defined(FASTELBO_VEC_AVX512)
+    // vminps returns its second operand when either is NaN
+    if constexpr (std::is_same_v<T, float>) return V(_mm512_min_ps(x, lo));
+#endif
+    return V::blendv(lo, x, x < lo);
+  }
+  static V running_max(const V& hi, const V& x) {
+#if defined(FASTELBO_VEC_AVX512)
+    if constexpr (std::is_same_v<T, float>) return V(_mm512_max_ps(x, hi));
+#endif
+    return V::blendv(hi, x, x > hi);
+  }
   static V select_nonneg(const V& x, const V& a, const V& b) { return V::blendv(b, a, x >= V(T(0))); }
 };
 
