@@ -8,6 +8,8 @@
 #include <cmath>
 #include <optional>
 
+#include "output_cache.h"
+
 namespace fastelbo {
 namespace cpu {
 
@@ -154,8 +156,7 @@ inline void check_log_weights_grad(const at::Tensor& grad_log_weights, int64_t K
 
 // Result of a gradient the caller did not ask for.
 inline at::Tensor grad_or_empty(bool wanted, const at::Tensor& like) {
-  const auto opts = like.options().memory_format(at::MemoryFormat::Contiguous);
-  return wanted ? at::empty(like.sizes(), opts) : at::empty({0}, opts);
+  return wanted ? empty_result(like.sizes(), like.options()) : at::empty({0}, like.options());
 }
 
 // The gradient results of the backward ops, in their input order; the prior's only with a prior, the

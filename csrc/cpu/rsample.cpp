@@ -140,7 +140,7 @@ at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at:
   }
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples > 0) shape.insert(shape.begin(), num_samples);
-  auto z = at::empty(shape, mu.options().memory_format(at::MemoryFormat::Contiguous));
+  auto z = empty_result(shape, mu.options());
   if (z.numel() == 0) return z;
   const Span span = eps.has_value() ? span_of({&mu, &logvar, &*eps}) : span_of({&mu, &logvar});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_rsample_cpu", [&] {
