@@ -263,6 +263,13 @@ def _gaussian_backward(gaussian_log_prob_backward):
     return backward
 
 
+def _elbo_setup(ctx, inputs, output):
+    # A loss uses one of (elbo, loglik, kl): the op takes None for the others, so autograd
+    # need not build [B] zeros for them.
+    ctx.set_materialize_grads(False)
+    _save_inputs(ctx, inputs)
+
+
 def _elbo_backward(elbo_backward):
     def backward(ctx, grad_elbo, grad_loglik, grad_kl):
         x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, _ = _saved(ctx)
@@ -318,7 +325,7 @@ _AUTOGRAD = {
     "gaussian_kl": (_kl_backward, _save_inputs),
     "bernoulli_log_prob": (_bernoulli_backward, _save_inputs),
     "gaussian_log_prob": (_gaussian_backward, _save_inputs),
-    "elbo": (_elbo_backward, _save_inputs),
+    "elbo": (_elbo_backward, _elbo_setup),
     "iwae_bound": (_iwae_backward, _iwae_setup),
     "free_bits_kl": (_free_bits_backward, _free_bits_setup),
 }

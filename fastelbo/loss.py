@@ -74,7 +74,11 @@ class ELBOLoss(nn.Module):
             kl = free_bits_kl(mu, logvar, self.free_bits, prior_mu, prior_logvar, backend=self.backend)
             loss = self.beta * kl - ll
         else:
-            loss = -elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
+            bound = elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
+            # Reduced first, negated after: the same bits as reducing -bound, one [B] kernel fewer.
+            if self.reduction == "mean":
+                return -bound.mean()
+            return -bound.sum() if self.reduction == "sum" else -bound
         if self.reduction == "mean":
             return loss.mean()
         if self.reduction == "sum":

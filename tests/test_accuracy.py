@@ -15,6 +15,8 @@ import contextlib
 import pytest
 import torch
 
+import fastelbo
+
 from cases import (ELBO_SHAPES, ELBO_VARIANTS, OBS, PRIORS, X_SHAPES, Z_SHAPES, Api, _leaves, _sid, _upstream,
                    bernoulli_case, elbo_case, gaussian_case, kl_case, loss_case, rsample_case, run)
 from helpers import TOL, dtype_params, generator_for, rand, tree_tensors
@@ -69,6 +71,23 @@ def test_elbo(fused, dtype, shape, variant):
 def test_elbo_loss(fused, dtype, shape, likelihood, reduction):
     # (B = 0 with reduction "mean" is NaN, as in the reference: the parity check covers it)
     run(loss_case(*shape, likelihood, reduction, generator_for("loss", shape, likelihood, reduction)), fused, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elbo_loss_reduction_is_that_of_the_rows(fused, dtype):
+    """ELBOLoss reduces the fused op's per-row ELBO exactly as torch reduces -elbo (bit for bit):
+    float16/bfloat16 means accumulate in float32 (a float16 sum of 4096 rows of ~18 nats overflows)."""
+    from fastelbo import functional as F
+
+    gen = generator_for("loss_reduction")
+    B, Dx, Dz = 4096, 20, 3
+    x = torch.rand(B, Dx, generator=gen).to(dtype).to(fused.device)
+    recon = torch.randn(B, Dx, generator=gen).to(dtype).to(fused.device)
+    mu, lv = (torch.randn(B, Dz, generator=gen).to(dtype).to(fused.device) for _ in range(2))
+    rows = F.elbo(x, recon, mu, lv, backend=fused.name).elbo
+    for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum), ("none", lambda t: t)):
+        loss = fastelbo.ELBOLoss(reduction=reduction, backend=fused.name)(recon, x, mu, lv)
+        assert torch.equal(loss, reduce(-rows)), (reduction, loss, reduce(-rows))
 
 
 def test_elbo_single_output_grads(fused):
