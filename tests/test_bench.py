@@ -325,3 +325,21 @@ def test_cli_compare_remeasures_regressions_then_fails(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     assert [r["attempt"] for r in doc["retries"]] == [1]
     assert doc["retries"][0]["key"] == "kl/fwd/32x64x8/float32/cpu"
+
+
+def test_profile_step_script_runs_and_accounts_for_the_step(capsys):
+    """bench/profile_step.py (the README's breakdown of the step) still runs and prints each part."""
+    import importlib.util
+    from pathlib import Path
+
+    ok, why = available("cpu", "cpu")
+    if not ok:
+        pytest.skip(f"the C++ CPU backend is not available: {why}")
+    path = Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--shape", "32x64x8", "--rounds", "3"])
+    out = capsys.readouterr().out
+    for part in ("rsample", "elbo_backward", "kernels in step order", "glue", "read recon, x + write"):
+        assert part in out, out
