@@ -124,6 +124,78 @@ inline void store_chunk(T* out_row, int64_t j, int64_t n, const acc_t<T>* src) {
   }
 }
 
+// Half precision <-> float32 registers one register at a time (AVX-512): no
+// scratch copy through L1 on the way in or out. Round to nearest even (NaN stays
+// NaN), the conversions of at::vec::convert.
+template <class T>
+inline constexpr bool kHalfInRegisters =
+#if defined(FASTELBO_VEC_AVX512)
+    std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+#else
+    false;
+#endif
+
+#if defined(FASTELBO_VEC_AVX512)
+inline __mmask16 first_lanes(int64_t w) { return static_cast<__mmask16>((1u << w) - 1); }
+
+template <class T>
+inline at::vec::Vectorized<float> load_half(const T* p, int64_t w) {
+  const __m256i bits = w == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                               : _mm256_maskz_loadu_epi16(first_lanes(w), p);
+  __m512 v;
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    at::vec::cvtbf16_fp32(bits, v);
+  else
+    at::vec::cvtfp16_fp32(bits, v);
+  return v;
+}
+
+template <class T>
+inline void store_half(T* p, const at::vec::Vectorized<float>& v, int64_t w) {
+  __m256i bits;
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    bits = at::vec::cvtfp32_bf16(v);
+  else
+    bits = at::vec::cvtfp32_fp16(v);
+  if (w == 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+  else
+    _mm256_mask_storeu_epi16(p, first_lanes(w), bits);
+}
+#endif
+
+// The N operands of columns [j, j + n) of row i as Vectorized<A>: read in place
+// (unit-stride A), converted register by register (unit-stride half precision on
+// AVX-512) or from a converted scratch chunk (anything else).
+template <class T, size_t N>
+struct ChunkIn {
+  using A = acc_t<T>;
+  using Vec = at::vec::Vectorized<A>;
+  const A* p[N];
+  const T* raw[N];
+
+  ChunkIn(const std::array<Operand<T>, N>& in, int64_t i, int64_t j, int64_t n, A (*scratch)[kChunk]) {
+    for (size_t q = 0; q < N; ++q) {
+      raw[q] = nullptr;
+      p[q] = nullptr;
+      if (kHalfInRegisters<T> && in[q].s1 == 1)
+        raw[q] = in[q].data + i * in[q].s0 + j;
+      else
+        p[q] = in[q].chunk(i, j, n, scratch[q]);
+    }
+  }
+
+  // Values k .. k + w - 1 of operand q (w <= Vec::size(); lanes past w are zero).
+  Vec load(size_t q, int64_t k, int64_t w) const {
+#if defined(FASTELBO_VEC_AVX512)
+    if constexpr (kHalfInRegisters<T>) {
+      if (raw[q]) return load_half(raw[q] + k, w);
+    }
+#endif
+    return w == Vec::size() ? Vec::loadu(p[q] + k) : Vec::loadu(p[q] + k, w);
+  }
+};
+
 // Software prefetch for the unit-stride operands of a chunk: pointers kPrefetchBytes
 // ahead of column j of row i (rows are contiguous, so past a row's end this is the
 // next row, which the same task reads next), nullptr otherwise. The hardware
@@ -171,15 +243,14 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
   Bounds<A> tail_bounds;
   for (int64_t j = 0; j < cols; j += kChunk) {
     const int64_t n = std::min(kChunk, cols - j);
-    const A* p[N];
-    for (size_t q = 0; q < N; ++q) p[q] = in[q].chunk(i, j, n, scratch[q]);
+    const ChunkIn<T, N> c(in, i, j, n, scratch);
     const auto pf = prefetch_rows(in, i, j);
     Vec acc(A(0));
     std::array<Vec, N> v;
     int64_t k = 0;
     for (; k + W <= n; k += W) {
       prefetch_at(pf, k);
-      for (size_t q = 0; q < N; ++q) v[q] = Vec::loadu(p[q] + k);
+      for (size_t q = 0; q < N; ++q) v[q] = c.load(q, k, W);
       if constexpr (kWatch >= 0) {
         lo = Math<Vec>::running_min(lo, v[kWatch]);
         hi = Math<Vec>::running_max(hi, v[kWatch]);
@@ -187,13 +258,14 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
       acc += f(v);
     }
     if (k < n) {
-      for (size_t q = 0; q < N; ++q) v[q] = Vec::loadu(p[q] + k, n - k);
+      for (size_t q = 0; q < N; ++q) v[q] = c.load(q, k, n - k);
       acc += Vec::set(Vec(A(0)), f(v), n - k);
       if constexpr (kWatch >= 0) {
-        for (int64_t l = k; l < n; ++l) {
-          const A value = p[kWatch][l];
-          if (value < tail_bounds.lo) tail_bounds.lo = value;
-          if (value > tail_bounds.hi) tail_bounds.hi = value;
+        alignas(64) A tail[W];
+        v[kWatch].store(tail);
+        for (int64_t l = 0; l < n - k; ++l) {
+          if (tail[l] < tail_bounds.lo) tail_bounds.lo = tail[l];
+          if (tail[l] > tail_bounds.hi) tail_bounds.hi = tail[l];
         }
       }
     }
@@ -240,8 +312,7 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
   const Vec gv(g);
   for (int64_t j = 0; j < cols; j += kChunk) {
     const int64_t n = std::min(kChunk, cols - j);
-    const A* p[N];
-    for (size_t q = 0; q < N; ++q) p[q] = in[q].chunk(i, j, n, scratch[q]);
+    const ChunkIn<T, N> c(in, i, j, n, scratch);
     const auto pf = prefetch_rows(in, i, j);
     std::array<Vec, N> v;
     std::array<Vec, M> o;
@@ -252,7 +323,7 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
     for (int64_t k = 0; k < n; k += W) {
       const int64_t w = std::min(W, n - k);
       prefetch_at(pf, k);
-      for (size_t q = 0; q < N; ++q) v[q] = w == W ? Vec::loadu(p[q] + k) : Vec::loadu(p[q] + k, w);
+      for (size_t q = 0; q < N; ++q) v[q] = c.load(q, k, w);
       f(gv, v, o);
       for (size_t m = 0; m < M; ++m) {
         if (kAdd && add_rows[m]) {
@@ -266,12 +337,16 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
             stream_store(out_rows[m] + j + k, o[m]);
           else
             o[m].store(out_rows[m] + j + k, w);
+        } else if constexpr (kHalfInRegisters<T>) {
+#if defined(FASTELBO_VEC_AVX512)
+          store_half(out_rows[m] + j + k, o[m], w);
+#endif
         } else {
           o[m].store(result[m] + k, w);
         }
       }
     }
-    if constexpr (!std::is_same_v<T, A>) {
+    if constexpr (!std::is_same_v<T, A> && !kHalfInRegisters<T>) {
       for (size_t m = 0; m < M; ++m)
         if (out_rows[m] && !(kAdd && add_rows[m])) store_chunk(out_rows[m], j, n, result[m]);
     }

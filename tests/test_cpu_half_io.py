@@ -1,0 +1,81 @@
+"""float16/bfloat16 on the C++ CPU kernels: DESIGN §1's contract, to the bit.
+
+A half-precision call computes in float32 on the exact float32 values of its
+inputs and rounds each result once to the input dtype. So it must equal the
+float32 call on the upcast inputs, rounded to half precision, bit for bit.
+Whatever path the values take (converted register by register on AVX-512, or
+through a converted scratch chunk for strided operands and other CPUs), and
+whichever part of a row they fall in (whole vectors, a second 512-column
+chunk, a masked tail).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastelbo import _backend
+
+HALF = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
+SHAPES = [(5, 1037, 19), (3, 16, 16), (64, 784, 8)]  # ragged tails and two chunks; whole vectors; MNIST rows
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ok, why = _backend.available("cpu", "cpu")
+    if not ok:
+        pytest.skip(f"the C++ CPU backend is not available: {why}")
+    return _backend.impl("cpu", torch.device("cpu"))
+
+
+def _inputs(B, Dx, Dz, dtype, strided):
+    g = torch.Generator().manual_seed(B * 1000 + Dx)
+    cols = 2 * Dx if strided else Dx  # strided: every other column of a wider tensor (the scratch path)
+    x = torch.rand(B, cols, generator=g)[:, ::2 if strided else 1]
+    recon = (3 * torch.randn(B, cols, generator=g))[:, ::2 if strided else 1]
+    mu, lv = torch.randn(B, Dz, generator=g), 0.5 * torch.randn(B, Dz, generator=g)
+    s = 0.3 * torch.randn(B, cols, generator=g)[:, ::2 if strided else 1]
+    return [t.to(dtype) for t in (x, recon, mu, lv, s)]
+
+
+def _same(half, single, dtype):
+    for h, f in zip(half, single):
+        if h.numel() == 0:
+            continue
+        assert h.dtype == dtype
+        assert torch.equal(h, f.to(dtype)), (h - f.to(dtype)).abs().max()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_elbo_forward_and_backward(ops, dtype, shape, strided, likelihood):
+    x, recon, mu, lv, s = _inputs(*shape, dtype, strided)
+    obs = s if likelihood == "gaussian" else None
+    B = x.shape[0]
+    g = torch.linspace(-1, 1, B).to(dtype)
+    mask = [True, True, True, True, likelihood == "gaussian", False, False]
+
+    def run(*t):
+        xx, rr, mm, ll, ss = t
+        fwd = ops.elbo(xx, rr, mm, ll, ss, None, None, likelihood, 0.7, likelihood == "bernoulli")
+        bwd = ops.elbo_backward(g.to(xx.dtype), None, None, xx, rr, mm, ll, ss, None, None, likelihood, 0.7, mask)
+        return [*fwd, *bwd]
+
+    single = run(*(t.float() if t is not None else None for t in (x, recon, mu, lv, obs)))
+    _same(run(x, recon, mu, lv, obs), single, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_rsample_forward_and_backward(ops, dtype, shape):
+    B, Dx, _ = shape
+    _, _, mu, lv, _ = _inputs(B, 8, Dx, dtype, False)  # [B, Dx] latents: long rows too
+    seed = torch.tensor(77)
+    gz = torch.randn(B, Dx).to(dtype)
+
+    def run(m, l, g):
+        return [ops.rsample(m, l, seed, None, 0), *ops.rsample_backward(g, l, seed, None, [True, True])]
+
+    _same(run(mu, lv, gz), run(mu.float(), lv.float(), gz.float()), dtype)
