@@ -44,3 +44,15 @@ def restore_validate_args():
     old = _validate._VALIDATE_ARGS
     yield
     _validate._VALIDATE_ARGS = old
+
+
+@pytest.fixture(scope="session")
+def cpu_ops():
+    """The C++ CPU backend's ops (torch.ops.fastelbo), for tests of that backend alone; a skip with the
+    reason when it is not built."""
+    from fastelbo import _backend
+
+    ok, why = _backend.available("cpu", "cpu")
+    if not ok:
+        pytest.skip(f"the C++ CPU backend is not available: {why}")
+    return _backend.impl("cpu", torch.device("cpu"))

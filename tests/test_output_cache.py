@@ -16,17 +16,7 @@ import sys
 import pytest
 import torch
 
-from fastelbo import _backend
-
 B, DX, DZ = 512, 1024, 16  # [B, DX] float32 = 2 MiB: cached; [B, DZ] = 32 KiB: not
-
-
-@pytest.fixture(scope="module")
-def ops():
-    ok, why = _backend.available("cpu", "cpu")
-    if not ok:
-        pytest.skip(f"the C++ CPU backend is not available: {why}")
-    return _backend.impl("cpu", torch.device("cpu"))
 
 
 def _inputs():
@@ -37,42 +27,42 @@ def _inputs():
     return x, recon, mu, lv
 
 
-def _drecon(ops, x, recon, mu, lv):
+def _drecon(cpu_ops, x, recon, mu, lv):
     mask = [False, True, False, False, False, False, False]
-    return ops.elbo_backward(torch.ones(B), None, None, x, recon, mu, lv, None, None, None, "bernoulli", 1.0, mask)[1]
+    return cpu_ops.elbo_backward(torch.ones(B), None, None, x, recon, mu, lv, None, None, None, "bernoulli", 1.0, mask)[1]
 
 
-def test_freed_result_is_reused_and_live_results_are_distinct(ops):
+def test_freed_result_is_reused_and_live_results_are_distinct(cpu_ops):
     x, recon, mu, lv = _inputs()
-    first = _drecon(ops, x, recon, mu, lv)
-    second = _drecon(ops, x, recon, mu, lv)  # first still alive: must get its own memory
+    first = _drecon(cpu_ops, x, recon, mu, lv)
+    second = _drecon(cpu_ops, x, recon, mu, lv)  # first still alive: must get its own memory
     assert first.data_ptr() != second.data_ptr()
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     freed = second.data_ptr()
     del second
-    third = _drecon(ops, x, recon, mu, lv)
+    third = _drecon(cpu_ops, x, recon, mu, lv)
     assert third.data_ptr() == freed, "a freed 2 MiB result of the same size was not reused"
     torch.testing.assert_close(third, first, rtol=0, atol=0)
 
 
-def test_cached_results_are_ordinary_tensors(ops):
+def test_cached_results_are_ordinary_tensors(cpu_ops):
     x, recon, mu, lv = _inputs()
-    d = _drecon(ops, x, recon, mu, lv)
+    d = _drecon(cpu_ops, x, recon, mu, lv)
     assert d.is_contiguous() and d.device.type == "cpu" and d.shape == (B, DX)
     d.mul_(2)  # writable in place
     d.resize_(2 * B, DX)  # the storage grows through the same allocator
     d[B:] = 1.0
     assert torch.equal(d[B:], torch.ones(B, DX))
-    z = ops.rsample(torch.zeros(B, 2 * DX), torch.zeros(B, 2 * DX), torch.tensor(3), None)  # 4 MiB z
+    z = cpu_ops.rsample(torch.zeros(B, 2 * DX), torch.zeros(B, 2 * DX), torch.tensor(3), None)  # 4 MiB z
     assert torch.isfinite(z).all() and z.shape == (B, 2 * DX)
 
 
-def test_profiler_sees_cached_results(ops):
+def test_profiler_sees_cached_results(cpu_ops):
     """fastelbo bench's peak-memory figure comes from the profiler's allocation events."""
     from fastelbo.bench.measure import peak_bytes
 
     x, recon, mu, lv = _inputs()
-    peak = peak_bytes(lambda: _drecon(ops, x, recon, mu, lv))
+    peak = peak_bytes(lambda: _drecon(cpu_ops, x, recon, mu, lv))
     if peak is None:
         pytest.skip("this torch's profiler gives no CPU allocation events")
     assert peak >= B * DX * 4, f"peak {peak} B: the [B, Dx] result ({B * DX * 4} B) was not reported"
@@ -97,7 +87,7 @@ PAGES = B * DX * 4 // 4096  # of one [B, DX] float32 result
 
 
 @pytest.mark.parametrize("cap_mb, cached", [("0", False), ("1", False), ("4", True)])
-def test_cap_from_environment(ops, cap_mb, cached):
+def test_cap_from_environment(cpu_ops, cap_mb, cached):
     """What the cache is for: a step's result lands on pages already mapped (no
     page faults) instead of fresh ones (one fault per 4 KiB page). glibc is made
     to map and unmap every block itself (MALLOC_MMAP_THRESHOLD_), the worst case.
