@@ -56,9 +56,7 @@ def _define() -> None:
     emu = torch.ops.fastelbo
     for family in FAMILIES:
         _ops.register_autograd(f"fastelbo::{PREFIX}{family}", family, getattr(emu, f"{PREFIX}{family}_backward"))
-        torch.library.register_autograd(f"fastelbo::{PREFIX}{family}_backward",
-                                        _ops._no_double_backward(f"{PREFIX}{family}_backward"),
-                                        setup_context=lambda ctx, inputs, output: None, lib=_lib)
+        _ops.refuse_double_backward(f"fastelbo::{PREFIX}{family}_backward", lib=_lib)
         _autocast.register(f"fastelbo::{PREFIX}{family}")
     _defined = True
 

@@ -355,6 +355,11 @@ def _no_double_backward(op_name):
     return backward
 
 
+def refuse_double_backward(op: str, lib=None) -> None:
+    """Registers the loud error above as the autograd of backward op `op` ("fastelbo::<name>")."""
+    torch.library.register_autograd(op, _no_double_backward(op.split("::")[-1]),
+                                    setup_context=lambda ctx, inputs, output: None, lib=lib)
+
+
 for _family in _AUTOGRAD:
-    torch.library.register_autograd(f"fastelbo::{_family}_backward", _no_double_backward(f"{_family}_backward"),
-                                    setup_context=lambda ctx, inputs, output: None)
+    refuse_double_backward(f"fastelbo::{_family}_backward")

@@ -33,6 +33,7 @@ INTERPRET = _tiles.INTERPRET
 for _family in _ops.FAMILIES:
     _ops.register_autograd(f"fastelbo::triton_{_family}", _family,
                            getattr(torch.ops.fastelbo, f"triton_{_family}_backward"))
+    _ops.refuse_double_backward(f"fastelbo::triton_{_family}_backward")
     _autocast.register(f"fastelbo::triton_{_family}")  # float32 inside torch.autocast, as the C++ ops
 
 # The op namespace of the "triton" backend: same names and signatures as torch.ops.fastelbo.
