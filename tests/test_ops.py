@@ -79,6 +79,28 @@ def test_double_backward_is_never_silently_wrong(fused, request):
     assert hess_diag is not None and torch.allclose(hess_diag, torch.ones_like(mu)), hess_diag
 
 
+@pytest.mark.parametrize("which", ["elbo", "rsample"])
+def test_double_backward_through_the_step_ops_is_never_silently_wrong(fused, which):
+    """The same for the two ops of a training step, whose CPU autograd is C++ (csrc/cpu/autograd.cpp)."""
+    g = generator_for("double", which)
+    dev = fused.device
+    mu = randn((3, 4), g, dtype=F64).to(dev).requires_grad_()
+    lv = rand((3, 4), g, -1, 1, dtype=F64).to(dev).requires_grad_()
+    if which == "elbo":
+        x, recon = rand((3, 5), g, 0, 1, dtype=F64).to(dev), randn((3, 5), g, dtype=F64).to(dev)
+        out, expected = F.elbo(x, recon, mu, lv, backend=fused.name).kl.sum(), torch.ones_like(mu)  # d2 KL / d mu2
+    else:
+        z = F.rsample(mu, lv, seed=3, backend=fused.name)
+        out, expected = (z * z).sum(), torch.full_like(mu, 2.0)  # d2 sum(z^2) / d mu2, z = mu + ...
+    (gmu,) = torch.autograd.grad(out, mu, create_graph=True)
+    try:
+        (hess_diag,) = torch.autograd.grad(gmu.sum(), mu, allow_unused=True)
+    except RuntimeError as err:
+        assert "not differentiable" in str(err) or "double backward" in str(err), err
+        return
+    assert hess_diag is not None and torch.allclose(hess_diag, expected), hess_diag
+
+
 # ---------------------------------------------------------------------------
 # opcheck on every op
 # ---------------------------------------------------------------------------

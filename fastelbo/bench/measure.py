@@ -257,8 +257,9 @@ OVERHEAD_DOC = """Forward (no grad) of each op through three layers, per call:
 
   api   fastelbo.<fn>(..., backend=b): argument checks, backend choice, then the op
   op    torch.ops.fastelbo.<op>(...): the dispatcher, including the Autograd
-        key (register_autograd's Python wrapper runs even when no input needs
-        grad), then the kernel
+        key (on CPU tensors a C++ autograd kernel for rsample and elbo,
+        csrc/cpu/autograd.cpp; register_autograd's Python wrapper otherwise, which
+        runs even when no input needs grad), then the kernel
   raw   OpOverload.redispatch(DispatchKeySet(<device key>), ...): straight to
         the kernel registered for the device (boxed call + kernel)
 
