@@ -204,11 +204,15 @@ def test_compare_boundary_and_missing_cases():
     assert not report.compare(_doc({}), _doc(BASE))["compared"]
 
 
-def test_merge_runs_takes_the_median_ratio():
+def test_merge_runs_takes_the_median_ratio_or_for_a_baseline_the_lowest():
     runs = [_doc({"kl/fwd/32x64x8/float32/cpu": {"vs_eager": v, "vs_compile": 1.0}}) for v in (3.0, 9.0, 4.0)]
     merged = report.merge_runs(runs)
     assert merged["ratios"]["kl/fwd/32x64x8/float32/cpu"] == {"vs_eager": 4.0, "vs_compile": 1.0}
     assert report.baseline_doc(merged)["merged_from"] == ["now"] * 3
+    assert report.merge_runs(runs, "min")["ratios"]["kl/fwd/32x64x8/float32/cpu"] == {"vs_eager": 3.0,
+                                                                                     "vs_compile": 1.0}
+    with pytest.raises(ValueError, match="how"):
+        report.merge_runs(runs, "mean")
 
 
 def test_cli_compare_from_json(tmp_path, monkeypatch):

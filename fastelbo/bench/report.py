@@ -157,10 +157,18 @@ def load_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def merge_runs(docs: list[dict]) -> dict:
-    """The first run's document with each of its ratios replaced by the median over the runs that measured it
-    (cases only the other runs measured are left out)."""
+def merge_runs(docs: list[dict], how: str = "median") -> dict:
+    """The first run's document with each of its ratios replaced by the median (how="median") or the lowest
+    (how="min") over the runs that measured it (cases only the other runs measured are left out).
+
+    A baseline takes the lowest: the floor that every quiet run reached. Against eager a ratio can swing
+    3x between quiet runs on CPU (the baseline's own temporaries land on fresh pages or not, with glibc's
+    heap state), and a median baseline then fails healthy runs."""
     import statistics
+
+    if how not in ("median", "min"):
+        raise ValueError(f"how must be 'median' or 'min', got {how!r}")
+    reduce = statistics.median if how == "median" else min
 
     merged = dict(docs[0])
     ratios: dict = {}
@@ -170,7 +178,7 @@ def merge_runs(docs: list[dict]) -> dict:
                 continue
             for metric, value in metrics.items():
                 ratios.setdefault(key, {}).setdefault(metric, []).append(value)
-    merged["ratios"] = {k: {m: float(statistics.median(v)) for m, v in ms.items()} for k, ms in ratios.items()}
+    merged["ratios"] = {k: {m: float(reduce(v)) for m, v in ms.items()} for k, ms in ratios.items()}
     merged["merged_from"] = [d.get("created") for d in docs]
     merged["others_cpu_fraction"] = max((d.get("others_cpu_fraction") or 0.0) for d in docs)
     return merged

@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
     out.add_argument("--no-plot", action="store_true", help="write no PNG")
     out.add_argument("--from-json", metavar="RESULTS", nargs="+",
                      help="use results JSON(s) of earlier runs instead of running; with several, each ratio is the "
-                          "median over the runs (e.g. to --save-baseline from three quiet runs)")
+                          "median over the runs, or with --save-baseline the lowest (e.g. from three quiet runs)")
     out.add_argument("--compare", metavar="BASELINE", help="compare this run's speedup ratios with a baseline JSON; "
                                                            "exit 1 when one fell more than --tolerance below it")
     out.add_argument("--tolerance", type=float, default=None, help="allowed relative drop of a ratio (default 0.15)")
@@ -95,7 +95,8 @@ def run(args) -> int:
 
     if args.from_json:
         docs = [report.load_json(p) for p in args.from_json]
-        doc = report.merge_runs(docs) if len(docs) > 1 else docs[0]
+        # A baseline is the lowest ratio of the runs, a comparison the median (report.merge_runs).
+        doc = report.merge_runs(docs, "min" if args.save_baseline else "median") if len(docs) > 1 else docs[0]
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
