@@ -153,3 +153,31 @@ def test_every_op_fullgraph_aot_eager(fused):
                               [g for k, g in enumerate(w) if k != 1])
     for name, a, b in zip(("recon", "mu", "logvar", "prior_mu", "obs_logvar"), g_c, g_e):
         assert_close(a.cpu(), b.cpu(), n=B, name=f"grad of {name}")
+
+
+def test_compiled_autograd_runs_the_step_backward(fused):
+    """An eager forward whose backward runs under compiled autograd (torch._dynamo.compiled_autograd) gives
+    the gradients of the plain backward: on CPU tensors rsample's and elbo's autograd nodes are C++
+    (csrc/cpu/autograd.cpp), elsewhere torch.library's Python ones."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no torch._dynamo.compiled_autograd._enable")
+    g = generator_for("compiled_autograd")
+    dev = fused.device
+    x = rand((6, 11), g, 0, 1, dtype=torch.float64).to(dev)
+    leaves = [t.to(dev).requires_grad_() for t in (randn((6, 11), g, dtype=torch.float64),
+                                                   randn((6, 3), g, dtype=torch.float64),
+                                                   rand((6, 3), g, -1, 1, dtype=torch.float64))]
+    recon, mu, lv = leaves
+    loss_fn = fastelbo.ELBOLoss(backend=fused.name)
+
+    def loss():
+        z = F.rsample(mu, lv, seed=5, backend=fused.name)
+        return loss_fn(recon, x, mu, lv) + z.square().mean()
+
+    expected = torch.autograd.grad(loss(), leaves)
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss().backward()
+    for t, e in zip(leaves, expected):
+        torch.testing.assert_close(t.grad, e, rtol=1e-12, atol=1e-12)
