@@ -168,16 +168,7 @@ struct Ops {
   // ---------------------------------------------------------------------------
   static at::Tensor rsample(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed, const Opt& eps,
                             int64_t num_samples) {
-    TORCH_CHECK(num_samples >= 0, "fastelbo: num_samples must be >= 0, got ", num_samples);
-    check_like(mu, "mu", logvar, "logvar");
-    const int64_t K = num_samples > 0 ? num_samples : 1;
-    if (num_samples == 0) {
-      check_like(mu, "mu", eps, "eps");
-    } else if (eps.has_value()) {
-      check_samples(*eps, "eps", mu, "mu", false);
-      TORCH_CHECK(eps->size(0) == K, "fastelbo: eps must have num_samples (", K, ") samples, got shape ",
-                  eps->sizes());
-    }
+    const int64_t K = check_rsample_args(mu, logvar, eps, num_samples);
     const Opt lv(logvar);
     Device::check(mu, "mu", {{&lv, "logvar"}, {&eps, "eps"}});
     const Guard guard(mu);
@@ -196,13 +187,7 @@ struct Ops {
   static std::tuple<at::Tensor, at::Tensor> rsample_backward(const at::Tensor& grad_z, const at::Tensor& logvar,
                                                              const at::Tensor& seed, const Opt& eps,
                                                              std::array<bool, 2> output_mask) {
-    check_2d(logvar, "logvar");
-    const int64_t K = check_samples(grad_z, "grad_z", logvar, "logvar", true);
-    if (eps.has_value()) {
-      TORCH_CHECK(eps->sizes() == grad_z.sizes(), "fastelbo: eps must have the shape of grad_z ", grad_z.sizes(),
-                  ", got ", eps->sizes());
-      check_dtype(grad_z, "grad_z", *eps, "eps");
-    }
+    const int64_t K = check_rsample_backward_args(grad_z, logvar, eps);
     const Opt g(grad_z);
     Device::check(logvar, "logvar", {{&g, "grad_z"}, {&eps, "eps"}});
     const Guard guard(logvar);
@@ -371,8 +356,7 @@ struct Ops {
   }
 
   static at::Tensor gaussian_log_prob(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
-    check_like(mean, "mean", x, "x");
-    check_row_or_feature(mean, "mean", logvar, "logvar");
+    check_gaussian_args(mean, x, logvar);
     const Opt xx(x), lv(logvar);
     Device::check(mean, "mean", {{&xx, "x"}, {&lv, "logvar"}});
     const Guard guard(mean);
@@ -392,8 +376,7 @@ struct Ops {
                                                                                    const at::Tensor& x,
                                                                                    const at::Tensor& logvar,
                                                                                    std::array<bool, 3> output_mask) {
-    check_like(mean, "mean", x, "x");
-    check_row_or_feature(mean, "mean", logvar, "logvar");
+    check_gaussian_args(mean, x, logvar);
     check_row_grad(grad, "grad", mean);
     const Opt xx(x), lv(logvar), g(grad);
     Device::check(mean, "mean", {{&xx, "x"}, {&lv, "logvar"}, {&g, "grad"}});
@@ -458,9 +441,7 @@ struct Ops {
     const LikelihoodKind kind = parse_likelihood(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian, has_prior = prior_mu.has_value();
     const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
-    check_row_grad(grad_elbo, "grad_elbo", x);
-    check_row_grad(grad_loglik, "grad_loglik", x);
-    check_row_grad(grad_kl, "grad_kl", x);
+    check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar);
     Device::check(recon, "recon", {{&grad_elbo, "grad_elbo"}, {&grad_loglik, "grad_loglik"}, {&grad_kl, "grad_kl"}});
     const Guard guard(recon);

@@ -74,12 +74,46 @@ inline int64_t check_samples(const at::Tensor& t, const char* tn, const at::Tens
   return o ? t.size(0) : 1;
 }
 
+// rsample: mu, logvar [B, Dz]; eps (given) [B, Dz] for num_samples = 0, else [K, B, Dz]. Returns K >= 1.
+inline int64_t check_rsample_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+                                  int64_t num_samples) {
+  TORCH_CHECK(num_samples >= 0, "fastelbo: num_samples must be >= 0, got ", num_samples);
+  check_like(mu, "mu", logvar, "logvar");
+  const int64_t K = num_samples > 0 ? num_samples : 1;
+  if (num_samples == 0) {
+    check_like(mu, "mu", eps, "eps");
+  } else if (eps.has_value()) {
+    check_samples(*eps, "eps", mu, "mu", false);
+    TORCH_CHECK(eps->size(0) == K, "fastelbo: eps must have num_samples (", K, ") samples, got shape ", eps->sizes());
+  }
+  return K;
+}
+
+// rsample_backward: grad_z [B, Dz] or [K, B, Dz] against logvar [B, Dz]; eps (given) of grad_z's shape. Returns K.
+inline int64_t check_rsample_backward_args(const at::Tensor& grad_z, const at::Tensor& logvar,
+                                           const std::optional<at::Tensor>& eps) {
+  check_2d(logvar, "logvar");
+  const int64_t K = check_samples(grad_z, "grad_z", logvar, "logvar", true);
+  if (eps.has_value()) {
+    TORCH_CHECK(eps->sizes() == grad_z.sizes(), "fastelbo: eps must have the shape of grad_z ", grad_z.sizes(),
+                ", got ", eps->sizes());
+    check_dtype(grad_z, "grad_z", *eps, "eps");
+  }
+  return K;
+}
+
 // An observation / likelihood log-variance: [1, D] (one per feature) or [B, D] (per row), any strides.
 inline void check_row_or_feature(const at::Tensor& like, const char* ln, const at::Tensor& s, const char* sn) {
   TORCH_CHECK(s.dim() == 2 && s.size(1) == like.size(1) && (s.size(0) == 1 || s.size(0) == like.size(0)),
               "fastelbo: ", sn, " must be [1, ", like.size(1), "] (per feature) or [", like.size(0), ", ",
               like.size(1), "] (per row), got shape ", s.sizes());
   check_dtype(like, ln, s, sn);
+}
+
+// gaussian_log_prob(_backward): mean, x [B, Dx]; logvar [1, Dx] or [B, Dx].
+inline void check_gaussian_args(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
+  check_like(mean, "mean", x, "x");
+  check_row_or_feature(mean, "mean", logvar, "logvar");
 }
 
 // The likelihood arguments of the fused ops: x [B, Dx], recon [B, Dx] (allow_2d) or
@@ -105,6 +139,14 @@ inline int64_t check_elbo_shapes(const at::Tensor& x, const at::Tensor& recon, c
               mu.size(0));
   check_dtype(x, "x", mu, "mu");
   return K;
+}
+
+// The upstream gradients of elbo's three per-row results (None: that result is unused).
+inline void check_elbo_upstream(const std::optional<at::Tensor>& grad_elbo, const std::optional<at::Tensor>& grad_loglik,
+                                const std::optional<at::Tensor>& grad_kl, const at::Tensor& x) {
+  check_row_grad(grad_elbo, "grad_elbo", x);
+  check_row_grad(grad_loglik, "grad_loglik", x);
+  check_row_grad(grad_kl, "grad_kl", x);
 }
 
 // The arguments of iwae_bound: x [B, Dx], recon [K, B, Dx], z [K, B, Dz], mu, logvar [B, Dz]. Returns K.

@@ -61,9 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Likelihood kind = parse_likelihood(likelihood);
   const bool gaussian = kind == Likelihood::kGaussian, has_prior = prior_mu.has_value();
   const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
-  check_row_grad(grad_elbo, "grad_elbo", x);
-  check_row_grad(grad_loglik, "grad_loglik", x);
-  check_row_grad(grad_kl, "grad_kl", x);
+  check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);
   std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior);
   const int64_t B = x.size(0), Dx = x.size(1);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.

@@ -74,8 +74,7 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward_cpu(const at::Ten
 }
 
 at::Tensor gaussian_log_prob_cpu(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
-  check_like(mean, "mean", x, "x");
-  check_row_or_feature(mean, "mean", logvar, "logvar");
+  check_gaussian_args(mean, x, logvar);
   return loglik_forward(Likelihood::kGaussian, mean, x, logvar, false);
 }
 
@@ -84,8 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(co
                                                                               const at::Tensor& x,
                                                                               const at::Tensor& logvar,
                                                                               std::array<bool, 3> output_mask) {
-  check_like(mean, "mean", x, "x");
-  check_row_or_feature(mean, "mean", logvar, "logvar");
+  check_gaussian_args(mean, x, logvar);
   auto d = loglik_backward(Likelihood::kGaussian, grad, mean, x, logvar, output_mask);
   return {d[0], d[1], d[2]};
 }

@@ -129,15 +129,7 @@ void parallel_chunks(const Span& span, int64_t samples, F f) {
 // num_samples = 0: z [B, Dz]; K = num_samples >= 1: z [K, B, Dz], z[k] = mu + e^(lv/2) * eps[k].
 at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
                        const std::optional<at::Tensor>& eps, int64_t num_samples) {
-  TORCH_CHECK(num_samples >= 0, "fastelbo: num_samples must be >= 0, got ", num_samples);
-  check_like(mu, "mu", logvar, "logvar");
-  const int64_t K = std::max<int64_t>(num_samples, 1);
-  if (num_samples == 0) {
-    check_like(mu, "mu", eps, "eps");
-  } else if (eps.has_value()) {
-    check_samples(*eps, "eps", mu, "mu", false);
-    TORCH_CHECK(eps->size(0) == K, "fastelbo: eps must have num_samples (", K, ") samples, got shape ", eps->sizes());
-  }
+  const int64_t K = check_rsample_args(mu, logvar, eps, num_samples);
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples > 0) shape.insert(shape.begin(), num_samples);
   auto z = empty_result(shape, mu.options());
@@ -170,13 +162,7 @@ at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at:
 std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z, const at::Tensor& logvar,
                                                         const at::Tensor& seed, const std::optional<at::Tensor>& eps,
                                                         std::array<bool, 2> output_mask) {
-  check_2d(logvar, "logvar");
-  const int64_t K = check_samples(grad_z, "grad_z", logvar, "logvar", true);
-  if (eps.has_value()) {
-    TORCH_CHECK(eps->sizes() == grad_z.sizes(), "fastelbo: eps must have the shape of grad_z ", grad_z.sizes(),
-                ", got ", eps->sizes());
-    check_dtype(grad_z, "grad_z", *eps, "eps");
-  }
+  const int64_t K = check_rsample_backward_args(grad_z, logvar, eps);
   auto dlv = grad_or_empty(output_mask[0], logvar);
   auto deps = grad_or_empty(output_mask[1], grad_z);
   if (logvar.numel() == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
