@@ -143,13 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> free_bits_kl_backward
     const at::Tensor mask =
         active_mask<scalar_t>(kl_dims.const_data_ptr<A>(), kl_dims.stride(0), mu.size(1), free_bits, mu, inactive);
     const FreeBitsTerm<scalar_t> term{div, operand<scalar_t>(mask)};
-    const auto g = row_scalar<scalar_t>(grad);
-    at::parallel_for(0, mu.size(0), row_grain(div.cols), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i)
-        term.backward(i, g[i],
-                      {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[2], i),
-                       row_ptr<scalar_t>(d[3], i)});
-    });
+    latent_backward_rows<scalar_t>(term, row_scalar<scalar_t>(grad), d, mu.size(0), div.cols);
   });
   return {d[0], d[1], d[2], d[3]};
 }

@@ -31,13 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_backward_cpu", [&] {
     const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
-    const auto g = row_scalar<scalar_t>(grad);
-    at::parallel_for(0, mu.size(0), row_grain(term.cols), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i)
-        term.backward(i, g[i],
-                      {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[2], i),
-                       row_ptr<scalar_t>(d[3], i)});
-    });
+    latent_backward_rows<scalar_t>(term, row_scalar<scalar_t>(grad), d, mu.size(0), term.cols);
   });
   return {d[0], d[1], d[2], d[3]};
 }

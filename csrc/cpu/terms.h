@@ -52,6 +52,17 @@ struct KLTerm {
   }
 };
 
+// The backward of a per-row latent term (KLTerm, free_bits.cpp's FreeBitsTerm) over all rows:
+// d = {dmu, dlv, dpmu, dplv}, contiguous [B, Dz] (empty: not asked for), g the upstream gradient per row.
+template <class T, class Term>
+void latent_backward_rows(const Term& term, const RowScalar<T>& g, const std::array<at::Tensor, 4>& d, int64_t rows,
+                          int64_t cols) {
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      term.backward(i, g[i], {row_ptr<T>(d[0], i), row_ptr<T>(d[1], i), row_ptr<T>(d[2], i), row_ptr<T>(d[3], i)});
+  });
+}
+
 enum class Likelihood { kBernoulli, kGaussian };
 
 inline void check_x_in_unit_interval(bool out_of_range) {
