@@ -47,21 +47,6 @@ class OutputCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  size_t idle_bytes() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return idle_bytes_;
-  }
-
-  void clear() {
-    std::deque<Block> drop;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      drop.swap(idle_);
-      idle_bytes_ = 0;
-    }
-    for (const Block& b : drop) c10::free_cpu(b.ptr);
-  }
-
  private:
   struct Block {
     void* ptr;

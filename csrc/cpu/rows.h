@@ -239,8 +239,8 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
   static_assert(kWatch < static_cast<int>(N), "kWatch names an operand");
   alignas(64) A scratch[N][kChunk];
   alignas(64) double totals[W] = {};
-  Vec lo(std::numeric_limits<A>::infinity()), hi(-std::numeric_limits<A>::infinity());
-  Bounds<A> tail_bounds;
+  const Vec inf(std::numeric_limits<A>::infinity()), minus_inf(-std::numeric_limits<A>::infinity());
+  Vec lo = inf, hi = minus_inf;
   for (int64_t j = 0; j < cols; j += kChunk) {
     const int64_t n = std::min(kChunk, cols - j);
     const ChunkIn<T, N> c(in, i, j, n, scratch);
@@ -260,13 +260,9 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
     if (k < n) {
       for (size_t q = 0; q < N; ++q) v[q] = c.load(q, k, n - k);
       acc += Vec::set(Vec(A(0)), f(v), n - k);
-      if constexpr (kWatch >= 0) {
-        alignas(64) A tail[W];
-        v[kWatch].store(tail);
-        for (int64_t l = 0; l < n - k; ++l) {
-          if (tail[l] < tail_bounds.lo) tail_bounds.lo = tail[l];
-          if (tail[l] > tail_bounds.hi) tail_bounds.hi = tail[l];
-        }
+      if constexpr (kWatch >= 0) {  // lanes past the row's end stay out of the bounds
+        lo = Math<Vec>::running_min(lo, Vec::set(inf, v[kWatch], n - k));
+        hi = Math<Vec>::running_max(hi, Vec::set(minus_inf, v[kWatch], n - k));
       }
     }
     alignas(64) A lanes[W];
@@ -278,11 +274,9 @@ double reduce_row(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, 
     lo.store(los);
     hi.store(his);
     for (int64_t l = 0; l < W; ++l) {
-      tail_bounds.lo = std::min(tail_bounds.lo, los[l]);
-      tail_bounds.hi = std::max(tail_bounds.hi, his[l]);
+      watch->lo = std::min(watch->lo, los[l]);
+      watch->hi = std::max(watch->hi, his[l]);
     }
-    watch->lo = std::min(watch->lo, tail_bounds.lo);
-    watch->hi = std::max(watch->hi, tail_bounds.hi);
   }
   double total = 0.0;
   for (int64_t l = 0; l < W; ++l) total += totals[l];
