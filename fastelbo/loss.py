@@ -59,12 +59,15 @@ class ELBOLoss(nn.Module):
         kw = dict(likelihood=self.likelihood, obs_logvar=self.obs_logvar if obs_logvar is None else obs_logvar,
                   prior_mu=prior_mu, prior_logvar=prior_logvar, backend=self.backend,
                   validate_args=self.validate_args)
+        # The bounds are reduced first and negated after: the same bits as reducing their negation
+        # (in every dtype), one [B] kernel fewer in the forward and the backward.
+        negate = True
         if self.bound == "iwae":
             if z is None:
                 raise ValueError("bound='iwae' needs the samples: forward(recon, x, mu, logvar, z=z) with z "
                                  "[K, B, Dz] from rsample(mu, logvar, num_samples=K) and recon [K, B, Dx] decoded "
                                  "from it")
-            loss = -iwae_bound(x, recon, z, mu, logvar, **kw)
+            loss = iwae_bound(x, recon, z, mu, logvar, **kw)
         elif z is not None:
             raise ValueError("z is used by bound='iwae' only (the ELBO's KL is analytic)")
         elif self.free_bits > 0.0:
@@ -72,18 +75,14 @@ class ELBOLoss(nn.Module):
             # floored KL from the free-bits op: two passes, one over [K?, B, Dx], one over [B, Dz].
             ll = elbo(x, recon, mu, logvar, beta=0.0, **kw).log_likelihood
             kl = free_bits_kl(mu, logvar, self.free_bits, prior_mu, prior_logvar, backend=self.backend)
-            loss = self.beta * kl - ll
+            loss, negate = self.beta * kl - ll, False
         else:
-            bound = elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
-            # Reduced first, negated after: the same bits as reducing -bound, one [B] kernel fewer.
-            if self.reduction == "mean":
-                return -bound.mean()
-            return -bound.sum() if self.reduction == "sum" else -bound
+            loss = elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
         if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
+            loss = loss.mean()
+        elif self.reduction == "sum":
+            loss = loss.sum()
+        return -loss if negate else loss
 
     def extra_repr(self) -> str:
         extra = f", bound={self.bound!r}" if self.bound != "elbo" else ""
