@@ -37,18 +37,18 @@ namespace fastelbo {
 namespace cuda_ops {
 
 using cpu::acc_dtype;
-using cpu::check_2d;
-using cpu::check_dtype;
+using cpu::check_elbo_upstream;
 using cpu::check_elbo_shapes;
 using cpu::check_free_bits;
 using cpu::check_free_bits_backward;
+using cpu::check_gaussian_args;
 using cpu::check_iwae_shapes;
 using cpu::check_kl_args;
 using cpu::check_like;
 using cpu::check_log_weights_grad;
 using cpu::check_row_grad;
-using cpu::check_row_or_feature;
-using cpu::check_samples;
+using cpu::check_rsample_args;
+using cpu::check_rsample_backward_args;
 using cpu::elbo_grads;
 using cpu::grad_or_empty;
 using cpu::iwae_grads;
