@@ -57,6 +57,21 @@ Out<T> out(void* p, int64_t cols) {
   return Out<T>{static_cast<T*>(p), vectorizable<T>(p, cols, 1)};
 }
 
+// The tail the latent gradient jobs share (KLNormalGrad, FreeBitsGrad,
+// LogPQGrad): store the chunks of row i, columns [j, j + n) into dmu, dlv and,
+// with a prior, dpmu, dplv; a null output is not wanted. Without a prior
+// (kPrior false) dpmu, dplv, pm and pl are never read.
+template <bool kPrior, int N, class T>
+FASTELBO_DEVICE void store_latent_chunks(const Out<T>& dmu, const Out<T>& dlv, const Out<T>& dpmu,
+                                         const Out<T>& dplv, int64_t i, int64_t j, int64_t cols, int n,
+                                         const acc_t<T> (&m)[N], const acc_t<T> (&l)[N], const acc_t<T> (&pm)[N],
+                                         const acc_t<T> (&pl)[N]) {
+  if (dmu.p) store_chunk(dmu.at(i, j, cols), n, dmu.vec, m);
+  if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, l);
+  if (kPrior && dpmu.p) store_chunk(dpmu.at(i, j, cols), n, dpmu.vec, pm);
+  if (kPrior && dplv.p) store_chunk(dplv.at(i, j, cols), n, dplv.vec, pl);
+}
+
 // The upstream gradient of a row: a[i] + b[i], or a[i] - scale * b[i] (the ELBO's
 // folded g_kl); absent vectors read 0.
 template <class T>
@@ -158,10 +173,7 @@ struct KLNormalGrad {
       pm[k] = c;
       pl[k] = d;
     }
-    if (dmu.p) store_chunk(dmu.at(i, j, cols), n, dmu.vec, m);
-    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, l);
-    if (dpmu.p) store_chunk(dpmu.at(i, j, cols), n, dpmu.vec, pm);
-    if (dplv.p) store_chunk(dplv.at(i, j, cols), n, dplv.vec, pl);
+    store_latent_chunks<true>(dmu, dlv, dpmu, dplv, i, j, cols, n, m, l, pm, pl);
   }
 };
 
@@ -265,10 +277,7 @@ struct FreeBitsGrad {
       pm[e] = on ? c : A(0);
       pl[e] = on ? d : A(0);
     }
-    if (dmu.p) store_chunk(dmu.at(i, j, cols), n, dmu.vec, m);
-    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, l);
-    if (kPrior && dpmu.p) store_chunk(dpmu.at(i, j, cols), n, dpmu.vec, pm);
-    if (kPrior && dplv.p) store_chunk(dplv.at(i, j, cols), n, dplv.vec, pl);
+    store_latent_chunks<kPrior>(dmu, dlv, dpmu, dplv, i, j, cols, n, m, l, pm, pl);
   }
 };
 
@@ -508,10 +517,7 @@ struct LogPQGrad {
       }
       if (dz.p) store_chunk(dz.at(k * rows + i, j, cols), n, dz.vec, zz);
     }
-    if (dmu.p) store_chunk(dmu.at(i, j, cols), n, dmu.vec, sm);
-    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, sl);
-    if (kPrior && dpmu.p) store_chunk(dpmu.at(i, j, cols), n, dpmu.vec, spm);
-    if (kPrior && dplv.p) store_chunk(dplv.at(i, j, cols), n, dplv.vec, spl);
+    store_latent_chunks<kPrior>(dmu, dlv, dpmu, dplv, i, j, cols, n, sm, sl, spm, spl);
   }
 };
 
