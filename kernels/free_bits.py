@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from . import _tiles as T
-from .kl import check_kl_args, kl_flags, kl_grad_tile, kl_grads, kl_operands
+from .kl import check_kl_args, kl_grad_tile, kl_operands, launch_kl_grads
 
 
 # ---------------------------------------------------------------------------
@@ -75,14 +75,15 @@ def _free_bits_fwd_kernel(
 
 @triton.jit
 def _free_bits_bwd_kernel(
+    # _kl_bwd_kernel's arguments, then the floor's: kl.launch_kl_grads launches both
     g_ptr,  # [B] upstream gradient, stride s_g (0: expanded)
-    kd_ptr,  # [D] kl_dims, accumulation type, contiguous
     mu_ptr, lv_ptr,  # [B, D] posterior
     pmu_ptr, plv_ptr,  # [B, D] prior (expanded), read when HAS_PRIOR
     dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # [B, D] out, contiguous, written when WANT_*
     B, D, s_g,
-    fb_hi, fb_lo,  # free_bits = hi + lo
     s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
+    kd_ptr,  # [D] kl_dims, accumulation type, contiguous
+    fb_hi, fb_lo,  # free_bits = hi + lo
     HAS_PRIOR: tl.constexpr, WANT_MU: tl.constexpr, WANT_LV: tl.constexpr, WANT_PMU: tl.constexpr,
     WANT_PLV: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -148,16 +149,8 @@ def free_bits_bwd(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, 
     torch._check(tuple(kl_dims.shape) == (mu.shape[1],) and kl_dims.dtype == _acc_dtype(mu), lambda: (
         f"fastelbo: kl_dims must be [{mu.shape[1]}] {_acc_dtype(mu)} (free_bits_kl's), got {tuple(kl_dims.shape)} "
         f"{kl_dims.dtype}"))
-    want, d = kl_grads(mu, prior_mu, output_mask)
-    B, D = mu.shape
-    if any(want):
-        ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
-        block = T.block_for(D)
-        T.launch_rows(_free_bits_bwd_kernel, _free_bits_bwd_tuned, B,
-                      (grad, kl_dims.contiguous(), *ptrs, *d, B, D, grad.stride(0), *T.split_float(free_bits),
-                       *strides), block,
-                      **kl_flags(prior_mu, *want), FP64=T.fp64(mu), BLOCK=block)
-    return tuple(d)
+    return launch_kl_grads(_free_bits_bwd_kernel, _free_bits_bwd_tuned, grad, mu, logvar, prior_mu, prior_logvar,
+                           output_mask, kl_dims.contiguous(), *T.split_float(free_bits))
 
 
 # ---------------------------------------------------------------------------

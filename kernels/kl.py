@@ -155,6 +155,20 @@ def kl_flags(prior_mu, want_mu, want_lv, want_pmu, want_plv):
                 WANT_PMU=int(want_pmu), WANT_PLV=int(want_plv))
 
 
+def launch_kl_grads(kernel, tuned, grad, mu, logvar, prior_mu, prior_logvar, output_mask, *extra):
+    """The wanted KL gradients (kl_grads), written by a [ROWS, BLOCK] backward kernel over the rows:
+    _kl_bwd_kernel, or one that takes its arguments and then `extra` (free bits: kl_dims and the
+    floor). No launch when none is wanted."""
+    want, d = kl_grads(mu, prior_mu, output_mask)
+    B, D = mu.shape
+    if any(want):
+        ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
+        block = T.block_for(D)
+        T.launch_rows(kernel, tuned, B, (grad, *ptrs, *d, B, D, grad.stride(0), *strides, *extra), block,
+                      **kl_flags(prior_mu, *want), FP64=T.fp64(mu), BLOCK=block)
+    return tuple(d)
+
+
 def kl_fwd(mu, logvar, prior_mu, prior_logvar):
     check_kl_args(mu, logvar, prior_mu, prior_logvar)
     B, D = mu.shape
@@ -169,14 +183,7 @@ def kl_fwd(mu, logvar, prior_mu, prior_logvar):
 def kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
     check_kl_args(mu, logvar, prior_mu, prior_logvar)
     T.check_row_grad(grad, "grad", mu)
-    want, d = kl_grads(mu, prior_mu, output_mask)
-    B, D = mu.shape
-    if any(want):
-        ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
-        block = T.block_for(D)
-        T.launch_rows(_kl_bwd_kernel, _kl_bwd_tuned, B, (grad, *ptrs, *d, B, D, grad.stride(0), *strides), block,
-                      **kl_flags(prior_mu, *want), FP64=T.fp64(mu), BLOCK=block)
-    return tuple(d)
+    return launch_kl_grads(_kl_bwd_kernel, _kl_bwd_tuned, grad, mu, logvar, prior_mu, prior_logvar, output_mask)
 
 
 # ---------------------------------------------------------------------------
