@@ -192,10 +192,21 @@ FASTELBO_HD void log_pq_normal_grad(V g, V z, V mu, V lv, V pmu, V plv, V& dz, V
 // One t = e^-|l| serves softplus and sigmoid: sigmoid(l) = 1/(1+t) for l >= 0,
 // t/(1+t) otherwise, both free of overflow.
 // ---------------------------------------------------------------------------
+// The parts that depend on l alone, log1p(e^-|l|) and sigmoid(l), are split out
+// so the CPU kernels can look them up for 16-bit inputs (cpu/half_tables.h).
+template <class V>
+FASTELBO_HD V log1p_exp_neg_abs(V l) {
+  return Math<V>::log1p_unit(Math<V>::exp_neg_abs(l));
+}
+
+template <class V>
+FASTELBO_HD V bernoulli_ll_from(V l, V x, V log1p_e) {  // log1p_e = log1p_exp_neg_abs(l)
+  return V(0) - ((V(1) - x) * l + Math<V>::max0(V(0) - l) + log1p_e);
+}
+
 template <class V>
 FASTELBO_HD V bernoulli_ll(V l, V x) {
-  const V t = Math<V>::exp_neg_abs(l);
-  return V(0) - ((V(1) - x) * l + Math<V>::max0(V(0) - l) + Math<V>::log1p_unit(t));
+  return bernoulli_ll_from(l, x, log1p_exp_neg_abs(l));
 }
 
 template <class V>
@@ -206,9 +217,14 @@ FASTELBO_HD V sigmoid(V l) {
 }
 
 template <class V>
-FASTELBO_HD void bernoulli_ll_grad(V g, V l, V x, V& dl, V& dx) {
-  dl = g * (x - sigmoid(l));
+FASTELBO_HD void bernoulli_ll_grad_from(V g, V l, V x, V sig, V& dl, V& dx) {  // sig = sigmoid(l)
+  dl = g * (x - sig);
   dx = g * l;
+}
+
+template <class V>
+FASTELBO_HD void bernoulli_ll_grad(V g, V l, V x, V& dl, V& dx) {
+  bernoulli_ll_grad_from(g, l, x, sigmoid(l), dl, dx);
 }
 
 // ---------------------------------------------------------------------------

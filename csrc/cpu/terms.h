@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "checks.h"
+#include "half_tables.h"
 #include "rows.h"
 
 namespace fastelbo {
@@ -89,10 +90,12 @@ struct LogLikTerm {
   Operand<T> x, s;
   int64_t cols;
   bool stream;  // outputs the size of recon / x: non-temporal stores in backward (inside parallel_blocks only)
+  const BernoulliTables* tables;  // 16-bit logits on AVX-512 (half_tables.h), else nullptr
 
   LogLikTerm(Likelihood kind_, const at::Tensor& recon_, const at::Tensor& x_, const std::optional<at::Tensor>& s_)
       : kind(kind_), recon(samples<T>(recon_)), x(operand<T>(x_)), cols(x_.size(1)),
-        stream(x_.numel() >= kStreamElements) {
+        stream(x_.numel() >= kStreamElements),
+        tables(kind_ == Likelihood::kBernoulli ? bernoulli_tables<T>() : nullptr) {
     if (kind == Likelihood::kGaussian) s = operand<T>(*s_);
   }
 
@@ -100,15 +103,38 @@ struct LogLikTerm {
   double forward(int64_t i, bool validate_x, bool& x_out_of_range, int64_t k = 0) const {
     const Operand<T> r = recon.sample(k);
     if (kind == Likelihood::kBernoulli) {
-      const auto ll = [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); };
-      if (!validate_x) return reduce_row<T, 2>({r, x}, i, cols, ll);
+      if (!validate_x) return reduce_row<T, 2>({r, x}, i, cols, bernoulli_ll_fn());
       Bounds<A> seen;
-      const double sum = reduce_row<T, 2, 1>({r, x}, i, cols, ll, &seen);
+      const double sum = reduce_row<T, 2, 1>({r, x}, i, cols, bernoulli_ll_fn(), &seen);
       x_out_of_range |= seen.lo < A(0) || seen.hi > A(1);
       return sum;
     }
     return reduce_row<T, 3>({r, x, s}, i, cols,
                             [](const std::array<Vec, 3>& v) { return gaussian_ll(v[0], v[1], v[2]); });
+  }
+
+  // The Bernoulli element functions of reduce_row / map_row: with the
+  // logit-only part looked up for 16-bit logits, computed otherwise.
+  auto bernoulli_ll_fn() const {
+    if constexpr (kHalfTables<T>) {
+      return [t = tables](const std::array<Vec, 2>& v) {
+        return bernoulli_ll_from(v[0], v[1], lookup<T>(t->log1p_exp_neg_abs, v[0]));
+      };
+    } else {
+      return [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); };
+    }
+  }
+
+  auto bernoulli_grad_fn() const {
+    if constexpr (kHalfTables<T>) {
+      return [t = tables](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
+        bernoulli_ll_grad_from(gv, v[0], v[1], lookup<T>(t->sigmoid, v[0]), o[0], o[1]);
+      };
+    } else {
+      return [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
+        bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
+      };
+    }
   }
 
   // Called inside parallel_blocks (it fences the non-temporal stores of large outputs).
@@ -119,10 +145,7 @@ struct LogLikTerm {
     const Operand<T> r = recon.sample(k);
     if (!add[0] && !add[1] && !add[2]) {  // nothing summed: the plain store loop
       if (kind == Likelihood::kBernoulli) {
-        map_row<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]},
-                         [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
-                           bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
-                         }, stream);
+        map_row<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, bernoulli_grad_fn(), stream);
       } else {
         map_row<T, 3, 3>({r, x, s}, i, cols, g, out,
                          [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
@@ -132,10 +155,7 @@ struct LogLikTerm {
       return;
     }
     if (kind == Likelihood::kBernoulli) {
-      map_row_add<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, {add[0], add[1]},
-                           [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
-                             bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
-                           });
+      map_row_add<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, {add[0], add[1]}, bernoulli_grad_fn());
       return;
     }
     map_row_add<T, 3, 3>({r, x, s}, i, cols, g, out, add,

@@ -79,7 +79,10 @@ inline __m512 log1p_unit(__m512 t) {
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.33329954743385315f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.4999990165233612f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f));
-  return _mm512_mul_ps(p, t);
+  // A rounded product the compiler may not fuse into the caller's next add
+  // (_mm512_mul_ps is plain vector arithmetic to GCC, so -ffp-contract would):
+  // the float32 kernels then add the same float32 value that half_tables.h stores.
+  return _mm512_mul_round_ps(p, t, _MM_FROUND_CUR_DIRECTION);
 }
 
 }  // namespace avx512
