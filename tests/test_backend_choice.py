@@ -186,3 +186,18 @@ def test_triton_loads_where_it_is_installed():
         pytest.skip("TRITON_INTERPRET is not 1 (set by tests/conftest.py when there is no GPU)")
     ok, why = _backend.available("triton", device)
     assert ok, f"triton is installed but fastelbo's Triton backend does not load: {why}"
+
+
+def test_cuda_emulated_builds_where_the_cpu_backend_does():
+    """The emulated CUDA backend needs what the C++ CPU backend needs (a C++ compiler, ninja, torch's headers):
+    where the one builds, the other must. Otherwise a compile error in csrc/cuda or csrc/cuda_ops.h would turn
+    every emulated case into a skip and leave the CUDA kernels' logic untested while the suite stays green."""
+    import os
+
+    if os.environ.get("FASTELBO_TEST_CUDA_EMULATED") != "1":
+        pytest.skip("FASTELBO_TEST_CUDA_EMULATED is not 1 (tests/conftest.py sets it unless told otherwise)")
+    cpu_ok, why_cpu = _backend.available("cpu", "cpu")
+    if not cpu_ok:
+        pytest.skip(f"the C++ CPU backend does not build here either: {why_cpu}")
+    ok, why = _backend.available("cuda-emulated", "cpu")
+    assert ok, f"the C++ CPU backend builds but the emulated CUDA backend does not: {why}"
