@@ -240,9 +240,14 @@ def bcast_strides(s: torch.Tensor | None) -> tuple[int, int]:
     return (0 if s.shape[0] == 1 else s.stride(0)), s.stride(1)
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulation type of t's dtype (DESIGN §1): float64 for float64, float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def row_partials(s: torch.Tensor, slots: int) -> torch.Tensor:
     """The [slots, D] per-slot partial sums of a reduction over rows, in the accumulation type."""
-    return s.new_empty((slots, s.shape[1]), dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
+    return s.new_empty((slots, s.shape[1]), dtype=acc_dtype(s))
 
 
 def check_row_grad(g: torch.Tensor | None, name: str, like: torch.Tensor) -> None:

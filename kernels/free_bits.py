@@ -111,10 +111,6 @@ _free_bits_bwd_tuned = T.row_autotune(_free_bits_bwd_kernel, key=["D"])
 # ---------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def check_free_bits(free_bits):
     free_bits = float(free_bits)
     torch._check(free_bits >= 0.0, lambda: f"fastelbo: free_bits must be >= 0 (nats per latent dimension), "
@@ -127,7 +123,7 @@ def free_bits_fwd(mu, logvar, prior_mu, prior_logvar, free_bits):
     B, D = mu.shape
     kl = mu.new_empty(B)
     if B == 0:  # the mean over no rows, as torch.mean
-        return kl, mu.new_full((D,), math.nan, dtype=_acc_dtype(mu))
+        return kl, mu.new_full((D,), math.nan, dtype=T.acc_dtype(mu))
     ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
     block = T.block_for(D)
     chunks = triton.cdiv(max(D, 1), block)
@@ -146,8 +142,8 @@ def free_bits_bwd(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, 
     check_kl_args(mu, logvar, prior_mu, prior_logvar)
     T.check_row_grad(grad, "grad", mu)
     check_free_bits(free_bits)
-    torch._check(tuple(kl_dims.shape) == (mu.shape[1],) and kl_dims.dtype == _acc_dtype(mu), lambda: (
-        f"fastelbo: kl_dims must be [{mu.shape[1]}] {_acc_dtype(mu)} (free_bits_kl's), got {tuple(kl_dims.shape)} "
+    torch._check(tuple(kl_dims.shape) == (mu.shape[1],) and kl_dims.dtype == T.acc_dtype(mu), lambda: (
+        f"fastelbo: kl_dims must be [{mu.shape[1]}] {T.acc_dtype(mu)} (free_bits_kl's), got {tuple(kl_dims.shape)} "
         f"{kl_dims.dtype}"))
     return launch_kl_grads(_free_bits_bwd_kernel, _free_bits_bwd_tuned, grad, mu, logvar, prior_mu, prior_logvar,
                            output_mask, kl_dims.contiguous(), *T.split_float(free_bits))

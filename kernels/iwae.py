@@ -182,10 +182,6 @@ _iwae_bwd_tuned = T.row_autotune(_iwae_bwd_kernel, key=["DX", "DZ"])
 # ---------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def check_iwae_args(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood):
     T.check_like(x, "x", None, "")
     torch._check(recon.dim() == 3, lambda: f"fastelbo: recon must be [K, B, Dx], got shape {tuple(recon.shape)}")
@@ -216,7 +212,7 @@ def iwae_fwd(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likeli
     B, DX = x.shape
     K, DZ = recon.shape[0], mu.shape[1]
     bound = x.new_empty(B)
-    lw = x.new_empty((K, B), dtype=_acc_dtype(x))
+    lw = x.new_empty((K, B), dtype=T.acc_dtype(x))
     validate = bool(validate_x) and not gaussian
     bad = x.new_empty(B if validate else 0, dtype=torch.int8)
     if K == 0:  # log of an empty mean
@@ -240,7 +236,7 @@ def iwae_bwd(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, pr
     c = grad_log_weights
     torch._check(tuple(c.shape) == tuple(recon.shape[:2]), lambda: (
         f"fastelbo: grad_log_weights must have shape {tuple(recon.shape[:2])}, got {tuple(c.shape)}"))
-    torch._check(c.dtype == _acc_dtype(x), lambda: f"fastelbo: grad_log_weights must have dtype {_acc_dtype(x)} "
+    torch._check(c.dtype == T.acc_dtype(x), lambda: f"fastelbo: grad_log_weights must have dtype {T.acc_dtype(x)} "
                  f"(the log-weights'), got {c.dtype}")
     gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
     want = [bool(m) for m in output_mask[:5]] + [bool(output_mask[5]) and gaussian,
