@@ -123,17 +123,9 @@ inline at::Tensor x_range_flag(bool validate_x, const at::Tensor& like) {
 inline int* flag_ptr(const at::Tensor& flag) { return flag.defined() ? flag.data_ptr<int>() : nullptr; }
 
 inline void check_x_in_unit_interval(const at::Tensor& flag) {
-  if (!flag.defined()) return;
-  TORCH_CHECK_VALUE(flag.item<int>() == 0,
-                    "fastelbo: x must lie in [0, 1] for the Bernoulli likelihood "
-                    "(pass validate_args=False to skip this check)");
+  if (flag.defined()) cpu::check_x_in_unit_interval(flag.item<int>() != 0);
 }
 
-inline LikelihoodKind parse_likelihood(std::string_view name) {
-  if (name == "bernoulli") return LikelihoodKind::kBernoulli;
-  if (name == "gaussian") return LikelihoodKind::kGaussian;
-  TORCH_CHECK(false, "fastelbo: likelihood must be 'bernoulli' or 'gaussian', got '", std::string(name), "'");
-}
 
 // The likelihood and latent arguments of the fused ops as the launchers take them.
 inline ElboArgs fused_args(int64_t samples, const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
@@ -415,7 +407,7 @@ struct Ops {
                                                              const Opt& obs_logvar, const Opt& prior_mu,
                                                              const Opt& prior_logvar, c10::string_view likelihood,
                                                              double beta, bool validate_x) {
-    const LikelihoodKind kind = parse_likelihood(likelihood);
+    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian;
     const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar);
@@ -438,7 +430,7 @@ struct Ops {
       const Opt& grad_elbo, const Opt& grad_loglik, const Opt& grad_kl, const at::Tensor& x, const at::Tensor& recon,
       const at::Tensor& mu, const at::Tensor& logvar, const Opt& obs_logvar, const Opt& prior_mu,
       const Opt& prior_logvar, c10::string_view likelihood, double beta, std::array<bool, 7> output_mask) {
-    const LikelihoodKind kind = parse_likelihood(likelihood);
+    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian, has_prior = prior_mu.has_value();
     const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);
@@ -468,7 +460,7 @@ struct Ops {
                                                        const at::Tensor& logvar, const Opt& obs_logvar,
                                                        const Opt& prior_mu, const Opt& prior_logvar,
                                                        c10::string_view likelihood, bool validate_x) {
-    const LikelihoodKind kind = parse_likelihood(likelihood);
+    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian;
     const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, Opt(z));
@@ -495,7 +487,7 @@ struct Ops {
                       const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, const Opt& obs_logvar,
                       const Opt& prior_mu, const Opt& prior_logvar, c10::string_view likelihood,
                       std::array<bool, 8> output_mask) {
-    const LikelihoodKind kind = parse_likelihood(likelihood);
+    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian, has_prior = prior_mu.has_value();
     const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     const int64_t B = x.size(0);

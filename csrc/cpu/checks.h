@@ -7,11 +7,27 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <string>
+#include <string_view>
 
 #include "output_cache.h"
 
 namespace fastelbo {
 namespace cpu {
+
+// "bernoulli" / "gaussian" as either backend's enum (cpu::Likelihood, cuda::LikelihoodKind).
+template <class Kind>
+Kind parse_likelihood(std::string_view name) {
+  if (name == "bernoulli") return Kind::kBernoulli;
+  if (name == "gaussian") return Kind::kGaussian;
+  TORCH_CHECK(false, "fastelbo: likelihood must be 'bernoulli' or 'gaussian', got '", std::string(name), "'");
+}
+
+inline void check_x_in_unit_interval(bool out_of_range) {
+  TORCH_CHECK_VALUE(!out_of_range,
+                    "fastelbo: x must lie in [0, 1] for the Bernoulli likelihood "
+                    "(pass validate_args=False to skip this check)");
+}
 
 inline void check_2d(const at::Tensor& a, const char* name) {
   TORCH_CHECK(a.dim() == 2, "fastelbo: ", name, " must be 2-D [B, D], got shape ", a.sizes());

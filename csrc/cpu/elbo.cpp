@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_cpu(const at::Tensor& x, con
                                                         const std::optional<at::Tensor>& prior_logvar,
                                                         c10::string_view likelihood, double beta,
                                                         bool validate_x) {
-  const Likelihood kind = parse_likelihood(likelihood);
+  const Likelihood kind = parse_likelihood<Likelihood>(likelihood);
   const int64_t K =
       check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
   auto elbo = row_result(x), ll = row_result(x), kl = row_result(x);
@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar, const std::optional<at::Tensor>& prior_mu,
     const std::optional<at::Tensor>& prior_logvar, c10::string_view likelihood, double beta,
     std::array<bool, 7> output_mask) {
-  const Likelihood kind = parse_likelihood(likelihood);
+  const Likelihood kind = parse_likelihood<Likelihood>(likelihood);
   const bool gaussian = kind == Likelihood::kGaussian, has_prior = prior_mu.has_value();
   const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
   check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);

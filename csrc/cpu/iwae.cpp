@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> iwae_bound_cpu(const at::Tensor& x, const at:
                                                   const std::optional<at::Tensor>& prior_mu,
                                                   const std::optional<at::Tensor>& prior_logvar,
                                                   c10::string_view likelihood, bool validate_x) {
-  const Likelihood kind = parse_likelihood(likelihood);
+  const Likelihood kind = parse_likelihood<Likelihood>(likelihood);
   const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar,
                                       kind == Likelihood::kGaussian);
   const int64_t B = x.size(0);
@@ -80,7 +80,7 @@ iwae_bound_backward_cpu(const at::Tensor& grad_log_weights, const at::Tensor& x,
                         const std::optional<at::Tensor>& obs_logvar, const std::optional<at::Tensor>& prior_mu,
                         const std::optional<at::Tensor>& prior_logvar, c10::string_view likelihood,
                         std::array<bool, 8> output_mask) {
-  const Likelihood kind = parse_likelihood(likelihood);
+  const Likelihood kind = parse_likelihood<Likelihood>(likelihood);
   const bool gaussian = kind == Likelihood::kGaussian, has_prior = prior_mu.has_value();
   const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
   const int64_t B = x.size(0), Dx = x.size(1), Dz = mu.size(1);

@@ -3,8 +3,6 @@
 // Used alone by kl.cpp and loglik.cpp and together by elbo.cpp.
 #pragma once
 
-#include <string_view>
-
 #include "checks.h"
 #include "half_tables.h"
 #include "rows.h"
@@ -66,17 +64,6 @@ void latent_backward_rows(const Term& term, const RowScalar<T>& g, const std::ar
 
 enum class Likelihood { kBernoulli, kGaussian };
 
-inline void check_x_in_unit_interval(bool out_of_range) {
-  TORCH_CHECK_VALUE(!out_of_range,
-                    "fastelbo: x must lie in [0, 1] for the Bernoulli likelihood "
-                    "(pass validate_args=False to skip this check)");
-}
-
-inline Likelihood parse_likelihood(std::string_view name) {
-  if (name == "bernoulli") return Likelihood::kBernoulli;
-  if (name == "gaussian") return Likelihood::kGaussian;
-  TORCH_CHECK(false, "fastelbo: likelihood must be 'bernoulli' or 'gaussian', got '", std::string(name), "'");
-}
 
 // log p(x | recon) of one row: Bernoulli with logits recon, or Gaussian with
 // mean recon and log-variance s ([1, Dx]: one per feature, or [B, Dx]; any
