@@ -79,9 +79,9 @@ def test_double_backward_is_never_silently_wrong(fused, request):
     assert hess_diag is not None and torch.allclose(hess_diag, torch.ones_like(mu)), hess_diag
 
 
-@pytest.mark.parametrize("which", ["elbo", "rsample"])
-def test_double_backward_through_the_step_ops_is_never_silently_wrong(fused, which):
-    """The same for the two ops of a training step, whose CPU autograd is C++ (csrc/cpu/autograd.cpp)."""
+@pytest.mark.parametrize("which", ["elbo", "rsample", "kl", "gaussian", "bernoulli"])
+def test_double_backward_through_the_c_autograd_ops_is_never_silently_wrong(fused, which):
+    """The same, with the error named, for the ops whose CPU autograd is C++ (csrc/cpu/autograd.cpp)."""
     g = generator_for("double", which)
     dev = fused.device
     mu = randn((3, 4), g, dtype=F64).to(dev).requires_grad_()
@@ -89,9 +89,18 @@ def test_double_backward_through_the_step_ops_is_never_silently_wrong(fused, whi
     if which == "elbo":
         x, recon = rand((3, 5), g, 0, 1, dtype=F64).to(dev), randn((3, 5), g, dtype=F64).to(dev)
         out, expected = F.elbo(x, recon, mu, lv, backend=fused.name).kl.sum(), torch.ones_like(mu)  # d2 KL / d mu2
-    else:
+    elif which == "rsample":
         z = F.rsample(mu, lv, seed=3, backend=fused.name)
         out, expected = (z * z).sum(), torch.full_like(mu, 2.0)  # d2 sum(z^2) / d mu2, z = mu + ...
+    elif which == "kl":
+        out, expected = F.gaussian_kl(mu, lv, backend=fused.name).sum(), torch.ones_like(mu)
+    elif which == "gaussian":  # mu as the mean of x ~ N(mu, 1): d2 / d mu2 = -1
+        x = randn((3, 4), g, dtype=F64).to(dev)
+        out, expected = F.gaussian_log_prob(mu, x, backend=fused.name).sum(), -torch.ones_like(mu)
+    else:  # mu as logits: d2 / d l2 = -sigmoid(l) (1 - sigmoid(l))
+        x = rand((3, 4), g, 0, 1, dtype=F64).to(dev)
+        out = F.bernoulli_log_prob(mu, x, backend=fused.name).sum()
+        expected = -torch.sigmoid(mu) * (1 - torch.sigmoid(mu))
     (gmu,) = torch.autograd.grad(out, mu, create_graph=True)
     try:
         (hess_diag,) = torch.autograd.grad(gmu.sum(), mu, allow_unused=True)

@@ -1,7 +1,7 @@
-// Eager autograd of the two ops of a training step, rsample and elbo, on CPU
-// tensors: the same formulas as their Python registration (fastelbo/_ops.py,
-// _rsample_backward / _elbo_backward, which every other backend and device
-// keeps), without Python on the way.
+// Eager autograd on CPU tensors of the two ops of a training step, rsample and
+// elbo, and of the three single-term ops (gaussian_kl and the two log-likelihoods):
+// the same formulas as their Python registration (fastelbo/_ops.py, _AUTOGRAD,
+// which every other backend and device keeps), without Python on the way.
 //
 // torch.library's register_autograd runs a Python autograd.Function around every
 // call and rebuilds the argument list from the schema first: about 40 us per elbo
@@ -14,6 +14,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <array>
+#include <tuple>
 
 namespace fastelbo {
 namespace cpu {
@@ -33,6 +36,16 @@ using ElboBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
 using RsampleSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t);
 using RsampleBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               const OptTensor&, std::array<bool, 2>);
+using KlSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&);
+using KlBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, std::array<bool, 4>);
+using BernoulliSig = at::Tensor(const at::Tensor&, const at::Tensor&, bool);
+using BernoulliBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, std::array<bool, 2>);
+using GaussianSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using GaussianBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                           const at::Tensor&, const at::Tensor&,
+                                                                           std::array<bool, 3>);
 
 // The ops through the dispatcher (handles looked up once; thread-safe statics).
 #define FASTELBO_OP(fn, name, Sig)                                                                     \
@@ -44,6 +57,12 @@ FASTELBO_OP(elbo_op, "fastelbo::elbo", ElboSig)
 FASTELBO_OP(elbo_backward_op, "fastelbo::elbo_backward", ElboBackwardSig)
 FASTELBO_OP(rsample_op, "fastelbo::rsample", RsampleSig)
 FASTELBO_OP(rsample_backward_op, "fastelbo::rsample_backward", RsampleBackwardSig)
+FASTELBO_OP(kl_op, "fastelbo::gaussian_kl", KlSig)
+FASTELBO_OP(kl_backward_op, "fastelbo::gaussian_kl_backward", KlBackwardSig)
+FASTELBO_OP(bernoulli_op, "fastelbo::bernoulli_log_prob", BernoulliSig)
+FASTELBO_OP(bernoulli_backward_op, "fastelbo::bernoulli_log_prob_backward", BernoulliBackwardSig)
+FASTELBO_OP(gaussian_op, "fastelbo::gaussian_log_prob", GaussianSig)
+FASTELBO_OP(gaussian_backward_op, "fastelbo::gaussian_log_prob_backward", GaussianBackwardSig)
 #undef FASTELBO_OP
 
 OptTensor present(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -134,6 +153,95 @@ struct RsampleFunction : public torch::autograd::Function<RsampleFunction> {
   }
 };
 
+// The single-term ops: op(inputs..., scalars) -> [B]; op_backward(grad, the same
+// tensor inputs, mask) -> one gradient per tensor input. Inputs are kept only
+// when some gradient is wanted (they are inputs: no new memory).
+template <size_t N>
+void save_inputs(AutogradContext* ctx, const std::array<bool, N>& mask, const variable_list& inputs) {
+  c10::List<bool> saved;
+  for (bool m : mask) saved.push_back(m);
+  ctx->saved_data["mask"] = saved;
+  for (bool m : mask)
+    if (m) {
+      ctx->save_for_backward(inputs);
+      return;
+    }
+}
+
+template <size_t N>
+std::array<bool, N> saved_mask(AutogradContext* ctx) {
+  const c10::List<bool> m = ctx->saved_data["mask"].toBoolList();
+  std::array<bool, N> mask{};
+  for (size_t i = 0; i < N; ++i) mask[i] = m[i];
+  return mask;
+}
+
+// The gradients asked for, in forward-argument order; `args` counts the scalars too.
+template <size_t N, class Tuple>
+variable_list masked_grads(const Tuple& d, const std::array<bool, N>& mask, size_t args) {
+  const std::array<at::Tensor, N> all = std::apply([](const auto&... g) { return std::array<at::Tensor, N>{g...}; }, d);
+  variable_list out(args);
+  for (size_t i = 0; i < N; ++i)
+    if (mask[i]) out[i] = all[i];
+  return out;
+}
+
+template <class F>
+at::Tensor below_autograd(F call) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return call();
+}
+
+struct KlFunction : public torch::autograd::Function<KlFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar,
+                               const OptTensor& prior_mu, const OptTensor& prior_logvar) {
+    const at::Tensor kl = below_autograd([&] { return kl_op().call(mu, logvar, prior_mu, prior_logvar); });
+    save_inputs<4>(ctx, {mu.requires_grad(), logvar.requires_grad(), wants(prior_mu), wants(prior_logvar)},
+                   {mu, logvar, or_undefined(prior_mu), or_undefined(prior_logvar)});
+    return {kl};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const auto mask = saved_mask<4>(ctx);
+    auto d = backward_call(
+        [&] { return kl_backward_op().call(grads[0], s[0], s[1], present(s[2]), present(s[3]), mask); });
+    return masked_grads(d, mask, 4);
+  }
+};
+
+struct BernoulliFunction : public torch::autograd::Function<BernoulliFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& x,
+                               bool validate_x) {
+    const at::Tensor ll = below_autograd([&] { return bernoulli_op().call(logits, x, validate_x); });
+    save_inputs<2>(ctx, {logits.requires_grad(), x.requires_grad()}, {logits, x});
+    return {ll};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const auto mask = saved_mask<2>(ctx);
+    auto d = backward_call([&] { return bernoulli_backward_op().call(grads[0], s[0], s[1], mask); });
+    return masked_grads(d, mask, 3);
+  }
+};
+
+struct GaussianFunction : public torch::autograd::Function<GaussianFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mean, const at::Tensor& x,
+                               const at::Tensor& logvar) {
+    const at::Tensor ll = below_autograd([&] { return gaussian_op().call(mean, x, logvar); });
+    save_inputs<3>(ctx, {mean.requires_grad(), x.requires_grad(), logvar.requires_grad()}, {mean, x, logvar});
+    return {ll};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const auto mask = saved_mask<3>(ctx);
+    auto d = backward_call([&] { return gaussian_backward_op().call(grads[0], s[0], s[1], s[2], mask); });
+    return masked_grads(d, mask, 3);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_autograd(const at::Tensor& x, const at::Tensor& recon,
                                                              const at::Tensor& mu, const at::Tensor& logvar,
                                                              const OptTensor& obs_logvar, const OptTensor& prior_mu,
@@ -150,11 +258,27 @@ at::Tensor rsample_autograd(const at::Tensor& mu, const at::Tensor& logvar, cons
   return RsampleFunction::apply(mu, logvar, seed, eps, num_samples)[0];
 }
 
+at::Tensor kl_autograd(const at::Tensor& mu, const at::Tensor& logvar, const OptTensor& prior_mu,
+                       const OptTensor& prior_logvar) {
+  return KlFunction::apply(mu, logvar, prior_mu, prior_logvar)[0];
+}
+
+at::Tensor bernoulli_autograd(const at::Tensor& logits, const at::Tensor& x, bool validate_x) {
+  return BernoulliFunction::apply(logits, x, validate_x)[0];
+}
+
+at::Tensor gaussian_autograd(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
+  return GaussianFunction::apply(mean, x, logvar)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastelbo, AutogradCPU, m) {
   m.impl("elbo", &elbo_autograd);
   m.impl("rsample", &rsample_autograd);
+  m.impl("gaussian_kl", &kl_autograd);
+  m.impl("bernoulli_log_prob", &bernoulli_autograd);
+  m.impl("gaussian_log_prob", &gaussian_autograd);
 }
 
 }  // namespace cpu
