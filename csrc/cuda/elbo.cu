@@ -86,13 +86,7 @@ void elbo_forward(DType dtype, const ElboArgs& a, void* elbo, void* loglik, void
                   cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (a.likelihood == LikelihoodKind::kGaussian) {
-      const GaussianTerm<T> lik{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar)};
-      forward_kl<T>(lik, a, elbo, loglik, kl, workspace, num_sms, stream);
-    } else {
-      const BernoulliTerm<T> lik{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), a.x_out_of_range};
-      forward_kl<T>(lik, a, elbo, loglik, kl, workspace, num_sms, stream);
-    }
+    with_likelihood<T>(a, [&](const auto& lik) { forward_kl<T>(lik, a, elbo, loglik, kl, workspace, num_sms, stream); });
   });
 }
 
@@ -105,23 +99,16 @@ void elbo_backward(DType dtype, const ElboArgs& a, VecArg grad_elbo, VecArg grad
     const MeanGrad<T> g_ll{RowGrad<T>{row_vec<T>(grad_elbo), row_vec<T>(grad_loglik), A(0), false},
                            static_cast<A>(1.0 / static_cast<double>(a.samples))};
     const RowGrad<T> g_kl{row_vec<T>(grad_kl), row_vec<T>(grad_elbo), static_cast<A>(a.beta), true};
-    const int64_t c = a.cols_x;
-    if (a.likelihood == LikelihoodKind::kGaussian) {
-      const bool sum_rows = a.obs_logvar_shared && dobs_logvar;
-      const GaussianGrad<T, MeanGrad<T>> lik{a.rows,         c,           a.samples,      g_ll,
-                                             mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar), out<T>(drecon, c),
-                                             out<T>(dx, c), out<T>(sum_rows ? nullptr : dobs_logvar, c)};
-      if (sum_rows) {
-        backward_kl_shared<T>(lik, a, g_kl, dmu, dlogvar, dprior_mu, dprior_logvar, dobs_logvar, workspace, num_sms,
-                              stream);
-      } else {
-        backward_kl<T>(lik, a, g_kl, dmu, dlogvar, dprior_mu, dprior_logvar, num_sms, stream);
+    with_likelihood_grad<T>(a, g_ll, dx, drecon, dobs_logvar, [&](const auto& lik, bool sum_rows) {
+      if constexpr (kHasObsLogvar<std::decay_t<decltype(lik)>>) {
+        if (sum_rows) {
+          backward_kl_shared<T>(lik, a, g_kl, dmu, dlogvar, dprior_mu, dprior_logvar, dobs_logvar, workspace,
+                                num_sms, stream);
+          return;
+        }
       }
-    } else {
-      const BernoulliGrad<T, MeanGrad<T>> lik{a.rows,      c,           a.samples,         g_ll, mat<T>(a.recon),
-                                              mat<T>(a.x), out<T>(drecon, c), out<T>(dx, c)};
       backward_kl<T>(lik, a, g_kl, dmu, dlogvar, dprior_mu, dprior_logvar, num_sms, stream);
-    }
+    });
   });
 }
 

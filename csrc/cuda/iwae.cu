@@ -140,13 +140,9 @@ void iwae_forward(DType dtype, const IwaeArgs& a, MatArg z, void* bound, void* l
                   int num_sms, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (a.likelihood == LikelihoodKind::kGaussian) {
-      const GaussianTerm<T> lik{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar)};
+    with_likelihood<T>(a, [&](const auto& lik) {
       forward_latent<T>(lik, a, z, bound, log_weights, workspace, num_sms, stream);
-    } else {
-      const BernoulliTerm<T> lik{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), a.x_out_of_range};
-      forward_latent<T>(lik, a, z, bound, log_weights, workspace, num_sms, stream);
-    }
+    });
   });
 }
 
@@ -157,20 +153,10 @@ void iwae_backward(DType dtype, const IwaeArgs& a, MatArg z, MatArg grad_log_wei
     using T = decltype(tag);
     const WeightGrad<T> g{static_cast<const acc_t<T>*>(grad_log_weights.data), grad_log_weights.s0,
                           grad_log_weights.s1};
-    const int64_t c = a.cols_x;
-    if (a.likelihood == LikelihoodKind::kGaussian) {
-      const bool sum_rows = a.obs_logvar_shared && dobs_logvar;
-      const GaussianGrad<T, WeightGrad<T>> lik{a.rows,        c,           a.samples,           g,
-                                               mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar), out<T>(drecon, c),
-                                               out<T>(dx, c), out<T>(sum_rows ? nullptr : dobs_logvar, c)};
+    with_likelihood_grad<T>(a, g, dx, drecon, dobs_logvar, [&](const auto& lik, bool sum_rows) {
       backward_latent<T>(lik, sum_rows, a, z, g, dz, dmu, dlogvar, dobs_logvar, dprior_mu, dprior_logvar, workspace,
                          num_sms, stream);
-    } else {
-      const BernoulliGrad<T, WeightGrad<T>> lik{a.rows,      c,           a.samples,         g, mat<T>(a.recon),
-                                                mat<T>(a.x), out<T>(drecon, c), out<T>(dx, c)};
-      backward_latent<T>(lik, false, a, z, g, dz, dmu, dlogvar, dobs_logvar, dprior_mu, dprior_logvar, workspace,
-                         num_sms, stream);
-    }
+    });
   });
 }
 

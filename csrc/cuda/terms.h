@@ -449,6 +449,38 @@ struct GaussianGrad {
   }
 };
 
+// The likelihood term of a fused op (elbo.cu, iwae.cu) as its kind asks:
+// f(term) forward; f(grad term, sum_rows) backward, G the upstream gradient's
+// form and sum_rows whether a shared [1, cols] obs_logvar's gradient is summed
+// over the rows (by the caller's column pass) instead of stored by the term.
+template <class T, class F>
+void with_likelihood(const ElboArgs& a, F f) {
+  if (a.likelihood == LikelihoodKind::kGaussian)
+    f(GaussianTerm<T>{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar)});
+  else
+    f(BernoulliTerm<T>{a.cols_x, a.samples, mat<T>(a.recon), mat<T>(a.x), a.x_out_of_range});
+}
+
+// Whether a likelihood gradient has an obs_logvar to sum over rows (col_map_kernel).
+template <class Grad>
+inline constexpr bool kHasObsLogvar = false;
+template <class T, class G>
+inline constexpr bool kHasObsLogvar<GaussianGrad<T, G>> = true;
+
+template <class T, class G, class F>
+void with_likelihood_grad(const ElboArgs& a, const G& g, void* dx, void* drecon, void* dobs_logvar, F f) {
+  const int64_t c = a.cols_x;
+  if (a.likelihood == LikelihoodKind::kGaussian) {
+    const bool sum_rows = a.obs_logvar_shared && dobs_logvar;
+    f(GaussianGrad<T, G>{a.rows, c, a.samples, g, mat<T>(a.recon), mat<T>(a.x), mat<T>(a.obs_logvar),
+                         out<T>(drecon, c), out<T>(dx, c), out<T>(sum_rows ? nullptr : dobs_logvar, c)},
+      sum_rows);
+  } else {
+    f(BernoulliGrad<T, G>{a.rows, c, a.samples, g, mat<T>(a.recon), mat<T>(a.x), out<T>(drecon, c), out<T>(dx, c)},
+      false);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // log p(z) - log q(z | x) (the latent part of the IWAE log-weight), z [K, rows,
 // cols] (Mat::sk), q = N(mu, e^lv), p = N(0, I) or N(pmu, e^plv) (kPrior):
