@@ -19,13 +19,9 @@
 namespace fastelbo {
 namespace cpu {
 
+// 16-bit inputs on AVX-512: the types and the ISA of rows.h's register conversions.
 template <class T>
-inline constexpr bool kHalfTables =
-#if defined(FASTELBO_VEC_AVX512)
-    std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
-#else
-    false;
-#endif
+inline constexpr bool kHalfTables = kHalfInRegisters<T>;
 
 struct BernoulliTables {
   alignas(64) float log1p_exp_neg_abs[65536];  // indexed by the logit's bit pattern
