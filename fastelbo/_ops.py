@@ -320,9 +320,9 @@ def _free_bits_backward(free_bits_kl_backward):
 
 
 # op family (the schema of fastelbo::<family>) -> (backward factory, setup_context).
-# On CPU tensors, rsample, elbo, gaussian_kl and the two log-likelihoods take the C++ twin of
-# their entry, csrc/cpu/autograd.cpp (registered for AutogradCPU, ahead of this Python
-# registration): torch.library's Python wrapper cost more than the kernels at B=256. A change here
+# On CPU tensors every family takes the C++ twin of its entry, csrc/cpu/autograd.cpp
+# (registered for AutogradCPU, ahead of this Python registration, which the Triton ops and
+# CUDA tensors keep): torch.library's Python wrapper cost more than the kernels at B=256. A change here
 # goes there too; every backend's gradients are checked against the reference.
 _AUTOGRAD = {
     "rsample": (_rsample_backward, _rsample_setup),

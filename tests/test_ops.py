@@ -79,28 +79,51 @@ def test_double_backward_is_never_silently_wrong(fused, request):
     assert hess_diag is not None and torch.allclose(hess_diag, torch.ones_like(mu)), hess_diag
 
 
-@pytest.mark.parametrize("which", ["elbo", "rsample", "kl", "gaussian", "bernoulli"])
-def test_double_backward_through_the_c_autograd_ops_is_never_silently_wrong(fused, which):
-    """The same, with the error named, for the ops whose CPU autograd is C++ (csrc/cpu/autograd.cpp)."""
+SECOND_DERIVATIVES = ["elbo", "rsample", "kl", "gaussian", "bernoulli", "free_bits", "iwae"]
+
+
+def _second_derivative_case(which, backend, dev):
+    """(mu, a scalar of mu through the op, its known d2 / d mu2 diagonal)."""
     g = generator_for("double", which)
-    dev = fused.device
     mu = randn((3, 4), g, dtype=F64).to(dev).requires_grad_()
     lv = rand((3, 4), g, -1, 1, dtype=F64).to(dev).requires_grad_()
     if which == "elbo":
         x, recon = rand((3, 5), g, 0, 1, dtype=F64).to(dev), randn((3, 5), g, dtype=F64).to(dev)
-        out, expected = F.elbo(x, recon, mu, lv, backend=fused.name).kl.sum(), torch.ones_like(mu)  # d2 KL / d mu2
+        out, expected = F.elbo(x, recon, mu, lv, backend=backend).kl.sum(), torch.ones_like(mu)  # d2 KL / d mu2
     elif which == "rsample":
-        z = F.rsample(mu, lv, seed=3, backend=fused.name)
+        z = F.rsample(mu, lv, seed=3, backend=backend)
         out, expected = (z * z).sum(), torch.full_like(mu, 2.0)  # d2 sum(z^2) / d mu2, z = mu + ...
     elif which == "kl":
-        out, expected = F.gaussian_kl(mu, lv, backend=fused.name).sum(), torch.ones_like(mu)
+        out, expected = F.gaussian_kl(mu, lv, backend=backend).sum(), torch.ones_like(mu)
     elif which == "gaussian":  # mu as the mean of x ~ N(mu, 1): d2 / d mu2 = -1
         x = randn((3, 4), g, dtype=F64).to(dev)
-        out, expected = F.gaussian_log_prob(mu, x, backend=fused.name).sum(), -torch.ones_like(mu)
+        out, expected = F.gaussian_log_prob(mu, x, backend=backend).sum(), -torch.ones_like(mu)
+    elif which == "free_bits":  # no floor: every dimension active, the KL's d2 / d mu2 = 1
+        out, expected = F.free_bits_kl(mu, lv, 0.0, backend=backend).sum(), torch.ones_like(mu)
+    elif which == "iwae":  # K = 1, z fixed: -log q(z | mu, lv) gives d2 / d mu2 = e^-lv
+        x, recon = rand((3, 5), g, 0, 1, dtype=F64).to(dev), randn((1, 3, 5), g, dtype=F64).to(dev)
+        z = randn((1, 3, 4), g, dtype=F64).to(dev)
+        out, expected = F.iwae_bound(x, recon, z, mu, lv, backend=backend).sum(), torch.exp(-lv.detach())
     else:  # mu as logits: d2 / d l2 = -sigmoid(l) (1 - sigmoid(l))
         x = rand((3, 4), g, 0, 1, dtype=F64).to(dev)
-        out = F.bernoulli_log_prob(mu, x, backend=fused.name).sum()
-        expected = -torch.sigmoid(mu) * (1 - torch.sigmoid(mu))
+        out = F.bernoulli_log_prob(mu, x, backend=backend).sum()
+        expected = (-torch.sigmoid(mu) * (1 - torch.sigmoid(mu))).detach()
+    return mu, out, expected
+
+
+@pytest.mark.parametrize("which", SECOND_DERIVATIVES)
+def test_second_derivative_cases_hold_on_the_reference(which):
+    """The expected values below are right: torch.distributions' autograd agrees."""
+    mu, out, expected = _second_derivative_case(which, "reference", "cpu")
+    (gmu,) = torch.autograd.grad(out, mu, create_graph=True)
+    (hess_diag,) = torch.autograd.grad(gmu.sum(), mu)
+    torch.testing.assert_close(hess_diag, expected)
+
+
+@pytest.mark.parametrize("which", SECOND_DERIVATIVES)
+def test_double_backward_through_the_c_autograd_ops_is_never_silently_wrong(fused, which):
+    """The same, with the error named, for every op family (on CPU their autograd is C++, csrc/cpu/autograd.cpp)."""
+    mu, out, expected = _second_derivative_case(which, fused.name, fused.device)
     (gmu,) = torch.autograd.grad(out, mu, create_graph=True)
     try:
         (hess_diag,) = torch.autograd.grad(gmu.sum(), mu, allow_unused=True)

@@ -1,5 +1,5 @@
-// Eager autograd on CPU tensors of the two ops of a training step, rsample and
-// elbo, and of the three single-term ops (gaussian_kl and the two log-likelihoods):
+// Eager autograd on CPU tensors of every op family: rsample, elbo, gaussian_kl,
+// the two log-likelihoods, iwae_bound and free_bits_kl:
 // the same formulas as their Python registration (fastelbo/_ops.py, _AUTOGRAD,
 // which every other backend and device keeps), without Python on the way.
 //
@@ -11,6 +11,7 @@
 // file changes nothing else: torch.compile traces through it (it calls the ops,
 // forward and backward, through the dispatcher), autocast runs before it, and
 // the backward ops keep their double-backward error.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -43,6 +44,19 @@ using BernoulliSig = at::Tensor(const at::Tensor&, const at::Tensor&, bool);
 using BernoulliBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, std::array<bool, 2>);
 using GaussianSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using IwaeSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                   const OptTensor&, const OptTensor&, c10::string_view, bool);
+using IwaeBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const OptTensor&, const OptTensor&, const OptTensor&,
+                                               c10::string_view, std::array<bool, 8>);
+using FreeBitsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                       const OptTensor&, double);
+using FreeBitsBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+    double, std::array<bool, 4>);
 using GaussianBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                            const at::Tensor&, const at::Tensor&,
                                                                            std::array<bool, 3>);
@@ -63,6 +77,10 @@ FASTELBO_OP(bernoulli_op, "fastelbo::bernoulli_log_prob", BernoulliSig)
 FASTELBO_OP(bernoulli_backward_op, "fastelbo::bernoulli_log_prob_backward", BernoulliBackwardSig)
 FASTELBO_OP(gaussian_op, "fastelbo::gaussian_log_prob", GaussianSig)
 FASTELBO_OP(gaussian_backward_op, "fastelbo::gaussian_log_prob_backward", GaussianBackwardSig)
+FASTELBO_OP(iwae_op, "fastelbo::iwae_bound", IwaeSig)
+FASTELBO_OP(iwae_backward_op, "fastelbo::iwae_bound_backward", IwaeBackwardSig)
+FASTELBO_OP(free_bits_op, "fastelbo::free_bits_kl", FreeBitsSig)
+FASTELBO_OP(free_bits_backward_op, "fastelbo::free_bits_kl_backward", FreeBitsBackwardSig)
 #undef FASTELBO_OP
 
 OptTensor present(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -242,6 +260,73 @@ struct GaussianFunction : public torch::autograd::Function<GaussianFunction> {
   }
 };
 
+// bound[b] = logsumexp_k log w[k, b] - log K; the [K, B] log-weights (an output,
+// accumulation dtype) give the softmax weights of the backward.
+struct IwaeFunction : public torch::autograd::Function<IwaeFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& recon, const at::Tensor& z,
+                               const at::Tensor& mu, const at::Tensor& logvar, const OptTensor& obs_logvar,
+                               const OptTensor& prior_mu, const OptTensor& prior_logvar, c10::string_view likelihood,
+                               bool validate_x) {
+    std::tuple<at::Tensor, at::Tensor> out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = iwae_op().call(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x);
+    }
+    ctx->set_materialize_grads(false);  // a loss uses the bound or the log-weights, rarely both
+    save_inputs<8>(ctx,
+                   {x.requires_grad(), recon.requires_grad(), z.requires_grad(), mu.requires_grad(),
+                    logvar.requires_grad(), wants(obs_logvar), wants(prior_mu), wants(prior_logvar)},
+                   {x, recon, z, mu, logvar, or_undefined(obs_logvar), or_undefined(prior_mu),
+                    or_undefined(prior_logvar), std::get<1>(out)});
+    ctx->saved_data["likelihood"] = std::string(likelihood);
+    return {std::get<0>(out), std::get<1>(out)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const auto mask = saved_mask<8>(ctx);
+    const std::string likelihood = ctx->saved_data["likelihood"].toStringRef();
+    const at::Tensor& log_weights = s[8];
+    // d bound[b] / d log w[k, b] = softmax_k(log w)[k, b]: formed on [K, B] in the accumulation dtype.
+    at::Tensor g = grads[0].defined() ? at::softmax(log_weights, 0) * grads[0].to(log_weights.scalar_type())
+                                      : at::zeros_like(log_weights);
+    if (grads[1].defined()) g = g + grads[1];
+    auto d = backward_call([&] {
+      return iwae_backward_op().call(g, s[0], s[1], s[2], s[3], s[4], present(s[5]), present(s[6]), present(s[7]),
+                                     likelihood, mask);
+    });
+    return masked_grads(d, mask, 10);
+  }
+};
+
+// kl_dims (an output, [Dz]) decides which dimensions are above the floor; it is a
+// statistic, not a loss term.
+struct FreeBitsFunction : public torch::autograd::Function<FreeBitsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar,
+                               const OptTensor& prior_mu, const OptTensor& prior_logvar, double free_bits) {
+    std::tuple<at::Tensor, at::Tensor> out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = free_bits_op().call(mu, logvar, prior_mu, prior_logvar, free_bits);
+    }
+    ctx->mark_non_differentiable({std::get<1>(out)});
+    save_inputs<4>(ctx, {mu.requires_grad(), logvar.requires_grad(), wants(prior_mu), wants(prior_logvar)},
+                   {mu, logvar, or_undefined(prior_mu), or_undefined(prior_logvar), std::get<1>(out)});
+    ctx->saved_data["free_bits"] = free_bits;
+    return {std::get<0>(out), std::get<1>(out)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const auto mask = saved_mask<4>(ctx);
+    const double free_bits = ctx->saved_data["free_bits"].toDouble();
+    auto d = backward_call([&] {
+      return free_bits_backward_op().call(grads[0], s[4], s[0], s[1], present(s[2]), present(s[3]), free_bits, mask);
+    });
+    return masked_grads(d, mask, 5);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_autograd(const at::Tensor& x, const at::Tensor& recon,
                                                              const at::Tensor& mu, const at::Tensor& logvar,
                                                              const OptTensor& obs_logvar, const OptTensor& prior_mu,
@@ -271,6 +356,22 @@ at::Tensor gaussian_autograd(const at::Tensor& mean, const at::Tensor& x, const 
   return GaussianFunction::apply(mean, x, logvar)[0];
 }
 
+std::tuple<at::Tensor, at::Tensor> iwae_autograd(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& z,
+                                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                                 const OptTensor& obs_logvar, const OptTensor& prior_mu,
+                                                 const OptTensor& prior_logvar, c10::string_view likelihood,
+                                                 bool validate_x) {
+  auto out = IwaeFunction::apply(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> free_bits_autograd(const at::Tensor& mu, const at::Tensor& logvar,
+                                                      const OptTensor& prior_mu, const OptTensor& prior_logvar,
+                                                      double free_bits) {
+  auto out = FreeBitsFunction::apply(mu, logvar, prior_mu, prior_logvar, free_bits);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastelbo, AutogradCPU, m) {
@@ -279,6 +380,8 @@ TORCH_LIBRARY_IMPL(fastelbo, AutogradCPU, m) {
   m.impl("gaussian_kl", &kl_autograd);
   m.impl("bernoulli_log_prob", &bernoulli_autograd);
   m.impl("gaussian_log_prob", &gaussian_autograd);
+  m.impl("iwae_bound", &iwae_autograd);
+  m.impl("free_bits_kl", &free_bits_autograd);
 }
 
 }  // namespace cpu
