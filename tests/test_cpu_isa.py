@@ -3,7 +3,8 @@
 fastelbo picks its SIMD flags from torch.backends.cpu.get_cpu_capability(), and ATEN_CPU_CAPABILITY=avx2
 makes torch report AVX2 on this AVX-512 machine. The AVX-512-only fast paths (vectorized Philox,
 table exp, polynomial log1p) then fall back to their portable versions: that build must compile and
-give the reference's numbers and the same noise bits.
+give the reference's numbers and the same noise bits, and its 16-bit Bernoulli tables must equal its
+float32 kernel bit for bit.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ SCRIPT = textwrap.dedent("""
         for a, b in zip(*out):
             err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
             assert err < tol, (dtype, err)
+    # Every 16-bit logit: the AVX2 tables of csrc/cpu/half_tables.h equal the float32 kernel bit for bit
+    # (tests/test_cpu_half_io.py does the same on this build's AVX-512 side).
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        xs = torch.tensor([0.0, 0.3, 1.0]).to(dtype)
+        r, t = logits.repeat(3).reshape(-1, 1), xs.repeat_interleave(len(logits)).reshape(-1, 1)
+        gg = torch.randn(r.shape[0], generator=g).to(dtype)
+        ops = torch.ops.fastelbo
+        run = lambda a, b, c: [ops.bernoulli_log_prob(a, b, False), *ops.bernoulli_log_prob_backward(c, a, b, [True, True])]
+        for h, f in zip(run(r, t, gg), run(r.float(), t.float(), gg.float())):
+            f = f.to(dtype)
+            same = (h == f) | (h.isnan() & f.isnan())
+            assert same.all(), (dtype, int((~same).sum()), r.flatten()[~same.flatten()][:4])
     n = 4 * 1031 + 3
     bits = torch.ops.fastelbo.philox_noise(torch.tensor(77), n, False, torch.float32)
     assert torch.equal(bits, _philox.uniforms(torch.tensor(77), n)), "uniform bits differ"

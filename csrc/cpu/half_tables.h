@@ -8,7 +8,7 @@
 // the same bits as the float32 kernel on the upcast logit, and one gather
 // replaces the exp, log1p and reciprocal that make the float32 loop
 // compute-bound. The rest of the term is the float32 formula, unchanged.
-// AVX-512 only (one vgatherdps per 16 values); elsewhere nothing is tabulated.
+// AVX-512 and AVX2 builds; elsewhere nothing is tabulated.
 #pragma once
 
 #include <cstdint>
@@ -19,16 +19,21 @@
 namespace fastelbo {
 namespace cpu {
 
-// 16-bit inputs on AVX-512: the types and the ISA of rows.h's register conversions.
+// 16-bit inputs on AVX-512 (one vgatherdps per 16 values) and AVX2 (per 8).
 template <class T>
-inline constexpr bool kHalfTables = kHalfInRegisters<T>;
+inline constexpr bool kHalfTables =
+#if defined(FASTELBO_VEC_AVX512) || defined(FASTELBO_VEC_AVX2)
+    std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+#else
+    false;
+#endif
 
 struct BernoulliTables {
   alignas(64) float log1p_exp_neg_abs[65536];  // indexed by the logit's bit pattern
   alignas(64) float sigmoid[65536];
 };
 
-#if defined(FASTELBO_VEC_AVX512)
+#if defined(FASTELBO_VEC_AVX512) || defined(FASTELBO_VEC_AVX2)
 template <class T>
 BernoulliTables* make_bernoulli_tables() {
   using Vec = at::vec::Vectorized<float>;
@@ -58,12 +63,21 @@ const BernoulliTables* bernoulli_tables() {
 // table[bits of v], v holding exact T values (as load_half and to_acc give them).
 template <class T>
 inline at::vec::Vectorized<float> lookup(const float* table, const at::vec::Vectorized<float>& v) {
+#if defined(FASTELBO_VEC_AVX512)
   __m512i bits;
   if constexpr (std::is_same_v<T, at::BFloat16>)
     bits = _mm512_srli_epi32(_mm512_castps_si512(v), 16);  // a bfloat16 is the top half of its float32
   else
     bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));  // exact
   return _mm512_i32gather_ps(bits, table, 4);
+#else
+  __m256i bits;
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    bits = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  else
+    bits = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return _mm256_i32gather_ps(table, bits, 4);
+#endif
 }
 #else
 template <class T>

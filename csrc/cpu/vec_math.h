@@ -11,6 +11,9 @@
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define FASTELBO_VEC_AVX512 1
+#elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define FASTELBO_VEC_AVX2 1
 #endif
 
 namespace fastelbo {
@@ -109,6 +112,14 @@ struct Math<at::vec::Vectorized<T>> {
     if constexpr (std::is_same_v<T, float>) {
 #if defined(FASTELBO_VEC_AVX512)
       return V(avx512::log1p_unit(t));
+#endif
+#if defined(FASTELBO_VEC_AVX2)
+      // Opaque to the compiler, so the series' final product is rounded and not
+      // fused into the caller's next add: the float32 kernels then add the same
+      // float32 value that half_tables.h stores (as avx512::log1p_unit does).
+      __m256 r = log1p_unit_series(t);
+      asm("" : "+x"(r));
+      return V(r);
 #endif
       return log1p_unit_series(t);
     } else {
