@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import time
 
@@ -109,12 +108,15 @@ def _noise_check(rank):
     return {"own": gathered_own, "shared": gathered_shared}
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, out_dir):
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    # A file store, not tcp://: no rank hosts the store's server (whose exit while the
+    # other rank still tears down is one way to crash at shutdown), and no port is
+    # picked, released and hoped to be free.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -141,14 +143,10 @@ def _worker(rank, port, out_dir):
         fsdp = _train_rank(model, rank, "seed", "equal", "mean", grads_of=lambda p: p.grad.full_tensor(),
                            full=lambda p: p.full_tensor())
         torch.save(fsdp, os.path.join(out_dir, f"fsdp{rank}.pt"))
+        del model, fsdp  # FSDP2's hooks and DTensors go before the group they use
+        dist.barrier()  # neither rank tears down while the other may still be talking to it
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +154,16 @@ def ranks(tmp_path_factory):
     """Runs both ranks once; returns {"ddp": [rank0, rank1], "fsdp": [...]} or raises with the ranks' error."""
     fastelbo._build.cpu_extension_status()  # build/load the kernels here first: the ranks then only load them
     out_dir = str(tmp_path_factory.mktemp("ranks"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(out_dir,), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    except mp.ProcessExitedException as e:
+        written = sorted(f for f in os.listdir(out_dir) if f.endswith(".pt"))
+        raise AssertionError(f"{e}; result files written before it: {written or 'none'} "
+                             f"(all {2 * WORLD} written: the rank died while shutting down)") from e
     finally:
         for p in ctx.processes:  # only on failure are any still alive
             if p.is_alive():
