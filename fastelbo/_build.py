@@ -173,6 +173,25 @@ def load_cpu_extension() -> None:
             raise BuildError(_CPU.error) from exc
         _CPU.loaded = True
         _CPU.path = directory
+        _CPU.library = directory / f"{name}.so"
+
+
+def cpu_half_tables() -> dict[str, list[str]] | None:
+    """The 16-bit Bernoulli tables this process looks up, per dtype (csrc/cpu/half_tables.h:
+    each used where, timed at first use, a lookup beats computing the function, or as
+    FASTELBO_HALF_TABLES=1/0 forces); None where this build has no tables. Loads the kernels."""
+    import ctypes
+
+    load_cpu_extension()
+    query = ctypes.CDLL(str(_CPU.library)).fastelbo_cpu_half_tables
+    query.restype, query.argtypes = ctypes.c_int, [ctypes.c_int]
+    used = {}
+    for code, dtype in ((0, "bfloat16"), (1, "float16")):
+        bits = query(code)
+        if bits < 0:
+            return None
+        used[dtype] = [fn for bit, fn in ((1, "log1p_exp_neg_abs"), (2, "sigmoid")) if bits & bit]
+    return used
 
 
 def cpu_extension_status() -> tuple[bool, str]:

@@ -11,8 +11,16 @@ chunk, a masked tail).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HALF = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
 SHAPES = [(5, 1037, 19), (3, 16, 16), (64, 784, 8)]  # ragged tails and two chunks; whole vectors; MNIST rows
@@ -75,7 +83,8 @@ def test_rsample_forward_and_backward(cpu_ops, dtype, shape):
 def test_bernoulli_every_16bit_logit(cpu_ops, dtype):
     """Every one of the 65536 logit bit patterns (inf and NaN included), one element per row: the
     Bernoulli term and its logit gradient equal the float32 kernel's on the upcast logit, rounded once.
-    On AVX-512 the logit-only parts come from tables (csrc/cpu/half_tables.h); this checks every entry."""
+    On AVX-512 and AVX2 the logit-only parts may come from tables (csrc/cpu/half_tables.h): where
+    this host uses them, this checks every entry; the forced test below checks both ways on any host."""
     logits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     xs = torch.tensor([0.0, 0.3, 1.0]).to(dtype)
     recon = logits.repeat(len(xs)).reshape(-1, 1)
@@ -89,3 +98,35 @@ def test_bernoulli_every_16bit_logit(cpu_ops, dtype):
         f = f.to(dtype)
         same = (h == f) | (h.isnan() & f.isnan())
         assert same.all(), f"{(~same).sum()} of {same.numel()} differ, first at logit {recon.flatten()[~same.flatten()][:4]}"
+
+
+# Each table is used only where it is faster on the host (timed at first use), so one process
+# checks only what its host chose: these run the check above with the choice forced both ways.
+FORCED = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    from fastelbo import _build, _backend
+    from test_cpu_half_io import test_bernoulli_every_16bit_logit
+    used = _build.cpu_half_tables()
+    if used is None:
+        print("NO TABLES IN THIS BUILD")
+        sys.exit(0)
+    want = ["log1p_exp_neg_abs", "sigmoid"] if os.environ["FASTELBO_HALF_TABLES"] == "1" else []
+    assert used == {"bfloat16": want, "float16": want}, used
+    ops = _backend.impl("cpu", torch.device("cpu"))
+    for dtype in (torch.bfloat16, torch.float16):
+        test_bernoulli_every_16bit_logit(ops, dtype)
+    print("FORCED OK", used)
+""")
+
+
+@pytest.mark.parametrize("forced", ["1", "0"], ids=["tables", "computed"])
+def test_bernoulli_every_16bit_logit_with_the_tables_forced(cpu_ops, forced):
+    env = {**os.environ, "FASTELBO_HALF_TABLES": forced,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", FORCED], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if "NO TABLES IN THIS BUILD" in proc.stdout:
+        pytest.skip("this CPU build has no 16-bit tables (neither AVX-512 nor AVX2)")
+    assert "FORCED OK" in proc.stdout, proc.stdout[-3000:]

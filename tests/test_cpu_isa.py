@@ -40,8 +40,10 @@ SCRIPT = textwrap.dedent("""
         for a, b in zip(*out):
             err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
             assert err < tol, (dtype, err)
-    # Every 16-bit logit: the AVX2 tables of csrc/cpu/half_tables.h equal the float32 kernel bit for bit
-    # (tests/test_cpu_half_io.py does the same on this build's AVX-512 side).
+    # Every 16-bit logit: the AVX2 tables of csrc/cpu/half_tables.h (in use: FASTELBO_HALF_TABLES=1)
+    # equal the float32 kernel bit for bit (tests/test_cpu_half_io.py does the same on AVX-512).
+    tables = ["log1p_exp_neg_abs", "sigmoid"]
+    assert _build.cpu_half_tables() == {"bfloat16": tables, "float16": tables}, _build.cpu_half_tables()
     for dtype in (torch.bfloat16, torch.float16):
         logits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
         xs = torch.tensor([0.0, 0.3, 1.0]).to(dtype)
@@ -64,7 +66,7 @@ SCRIPT = textwrap.dedent("""
 def test_avx2_build_matches_the_reference():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip(f"this CPU runs {torch.backends.cpu.get_cpu_capability()}, not AVX2")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "FASTELBO_STRICT": "1",
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "FASTELBO_STRICT": "1", "FASTELBO_HALF_TABLES": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)

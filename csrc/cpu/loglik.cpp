@@ -97,3 +97,16 @@ TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {
 
 }  // namespace cpu
 }  // namespace fastelbo
+
+// Which 16-bit Bernoulli tables this process looks up (fastelbo._build.cpu_half_tables
+// reads it through ctypes): dtype 0 bfloat16, 1 float16; bit 0 log1p(e^-|l|), bit 1
+// sigmoid(l); -1 where this build has no tables. Times them on the first call, as a kernel would.
+extern "C" int fastelbo_cpu_half_tables(int dtype) {
+  using namespace fastelbo::cpu;
+  if constexpr (!kHalfTables<at::BFloat16>) {
+    return -1;
+  } else {
+    const BernoulliLookups l = dtype == 0 ? bernoulli_lookups<at::BFloat16>() : bernoulli_lookups<at::Half>();
+    return (l.log1p_exp_neg_abs ? 1 : 0) | (l.sigmoid ? 2 : 0);
+  }
+}

@@ -77,12 +77,12 @@ struct LogLikTerm {
   Operand<T> x, s;
   int64_t cols;
   bool stream;  // outputs the size of recon / x: non-temporal stores in backward (inside parallel_blocks only)
-  const BernoulliTables* tables;  // 16-bit logits on AVX-512 (half_tables.h), else nullptr
+  BernoulliLookups lookups;  // 16-bit logits where a lookup is faster (half_tables.h), else none
 
   LogLikTerm(Likelihood kind_, const at::Tensor& recon_, const at::Tensor& x_, const std::optional<at::Tensor>& s_)
       : kind(kind_), recon(samples<T>(recon_)), x(operand<T>(x_)), cols(x_.size(1)),
         stream(x_.numel() >= kStreamElements),
-        tables(kind_ == Likelihood::kBernoulli ? bernoulli_tables<T>() : nullptr) {
+        lookups(kind_ == Likelihood::kBernoulli ? bernoulli_lookups<T>() : BernoulliLookups{}) {
     if (kind == Likelihood::kGaussian) s = operand<T>(*s_);
   }
 
@@ -90,38 +90,35 @@ struct LogLikTerm {
   double forward(int64_t i, bool validate_x, bool& x_out_of_range, int64_t k = 0) const {
     const Operand<T> r = recon.sample(k);
     if (kind == Likelihood::kBernoulli) {
-      if (!validate_x) return reduce_row<T, 2>({r, x}, i, cols, bernoulli_ll_fn());
-      Bounds<A> seen;
-      const double sum = reduce_row<T, 2, 1>({r, x}, i, cols, bernoulli_ll_fn(), &seen);
-      x_out_of_range |= seen.lo < A(0) || seen.hi > A(1);
-      return sum;
+      return with_bernoulli_ll([&](auto ll) {
+        if (!validate_x) return reduce_row<T, 2>({r, x}, i, cols, ll);
+        Bounds<A> seen;
+        const double sum = reduce_row<T, 2, 1>({r, x}, i, cols, ll, &seen);
+        x_out_of_range |= seen.lo < A(0) || seen.hi > A(1);
+        return sum;
+      });
     }
     return reduce_row<T, 3>({r, x, s}, i, cols,
                             [](const std::array<Vec, 3>& v) { return gaussian_ll(v[0], v[1], v[2]); });
   }
 
-  // The Bernoulli element functions of reduce_row / map_row: with the
-  // logit-only part looked up for 16-bit logits, computed otherwise.
-  auto bernoulli_ll_fn() const {
+  // run(f) with the Bernoulli element function of reduce_row / map_row: the
+  // logit-only part looked up where this dtype's table is in use, else computed.
+  // A row loop per choice, so the hot loop itself never branches on it.
+  template <class Run>
+  auto with_bernoulli_ll(Run run) const {
     if constexpr (kHalfTables<T>) {
-      return [t = tables](const std::array<Vec, 2>& v) {
-        return bernoulli_ll_from(v[0], v[1], lookup<T>(t->log1p_exp_neg_abs, v[0]));
-      };
-    } else {
-      return [](const std::array<Vec, 2>& v) { return bernoulli_ll(v[0], v[1]); };
+      if (const float* t = lookups.log1p_exp_neg_abs) return run(bernoulli_ll_lookup<T>(t));
     }
+    return run(bernoulli_ll_computed<A>());
   }
 
-  auto bernoulli_grad_fn() const {
+  template <class Run>
+  void with_bernoulli_grad(Run run) const {
     if constexpr (kHalfTables<T>) {
-      return [t = tables](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
-        bernoulli_ll_grad_from(gv, v[0], v[1], lookup<T>(t->sigmoid, v[0]), o[0], o[1]);
-      };
-    } else {
-      return [](const Vec& gv, const std::array<Vec, 2>& v, std::array<Vec, 2>& o) {
-        bernoulli_ll_grad(gv, v[0], v[1], o[0], o[1]);
-      };
+      if (const float* t = lookups.sigmoid) return run(bernoulli_grad_lookup<T>(t));
     }
+    run(bernoulli_grad_computed<A>());
   }
 
   // Called inside parallel_blocks (it fences the non-temporal stores of large outputs).
@@ -132,7 +129,7 @@ struct LogLikTerm {
     const Operand<T> r = recon.sample(k);
     if (!add[0] && !add[1] && !add[2]) {  // nothing summed: the plain store loop
       if (kind == Likelihood::kBernoulli) {
-        map_row<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, bernoulli_grad_fn(), stream);
+        with_bernoulli_grad([&](auto grad) { map_row<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, grad, stream); });
       } else {
         map_row<T, 3, 3>({r, x, s}, i, cols, g, out,
                          [](const Vec& gv, const std::array<Vec, 3>& v, std::array<Vec, 3>& o) {
@@ -142,7 +139,9 @@ struct LogLikTerm {
       return;
     }
     if (kind == Likelihood::kBernoulli) {
-      map_row_add<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, {add[0], add[1]}, bernoulli_grad_fn());
+      with_bernoulli_grad([&](auto grad) {
+        map_row_add<T, 2, 2>({r, x}, i, cols, g, {out[0], out[1]}, {add[0], add[1]}, grad);
+      });
       return;
     }
     map_row_add<T, 3, 3>({r, x, s}, i, cols, g, out, add,

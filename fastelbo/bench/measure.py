@@ -443,6 +443,12 @@ def machine_info(device="cpu") -> dict:
         info["triton"] = triton.__version__
     except Exception:
         info["triton"] = None
+    try:  # chosen per host by timing (csrc/cpu/half_tables.h): part of what the 16-bit rows measured
+        from fastelbo import _build
+
+        info["half_tables"] = _build.cpu_half_tables()
+    except Exception:
+        info["half_tables"] = None
     return info
 
 

@@ -50,6 +50,10 @@ def header(doc: dict) -> list[str]:
         lines.append(f"device: cpu ({cpu}) -- CPU numbers only, nothing here says anything about GPUs")
     lines.append(f"torch {m['torch']}, python {m['python']}, triton {m.get('triton')}, fastelbo {m['fastelbo']}, "
                  f"{m['platform']}")
+    tables = m.get("half_tables")
+    if tables is not None:
+        lines.append("16-bit Bernoulli tables (looked up where faster than computing, timed at first use): "
+                     + "; ".join(f"{dt} {', '.join(fns) or 'none'}" for dt, fns in tables.items()))
     cb = doc.get("copy_bandwidth")
     if cb:
         curve = ", ".join(f"{fmt_bytes(c['bytes_per_tensor'])} {c['GBps']:.1f}" for c in cb["curve"])
