@@ -10,10 +10,10 @@
 // compute-bound. The rest of the term is the float32 formula, unchanged.
 // AVX-512 and AVX2 builds; elsewhere nothing is tabulated.
 //
-// A lookup is one vgatherdps, and what that costs depends on the host: about
-// 24 cycles per 16 values on an Ice Lake Xeon whose microcode mitigates Gather
-// Data Sampling, slower there than computing sigmoid. So each table is used only
-// where, timed at first use, its lookup beats computing the function
+// A lookup is one vgatherdps, and what that costs depends on the CPU and its
+// microcode: about 24 cycles per 16 values on the Ice Lake Xeon of 2026-12-06,
+// where the row loops ran faster computing both functions. So each table is used
+// only where, timed at first use, the loop with it is faster
 // (FASTELBO_HALF_TABLES=1 or 0 forces the choice). Either way the bits are the same.
 #pragma once
 
@@ -157,8 +157,8 @@ LookupWins lookups_win(const BernoulliTables& t) {
   return {fwd_table < fwd_math, bwd_table < bwd_math};
 }
 
-// Built and timed on first use (the build about 0.4 ms, measured through the
-// first float16 call), then shared by every call of this dtype.
+// Built and timed on first use (about 2 ms: 0.4 the tables, the rest the timing;
+// measured through the first bfloat16 call), then shared by every call of this dtype.
 template <class T>
 BernoulliLookups bernoulli_lookups() {
   if constexpr (kHalfTables<T>) {
