@@ -119,7 +119,6 @@ struct LookupWins {
 
 template <class T>
 LookupWins lookups_win(const BernoulliTables& t) {
-  using Vec = at::vec::Vectorized<float>;
   constexpr int64_t kRows = 64, kCols = 784;
   std::vector<T> l(kRows * kCols), x(kRows * kCols), dl(kRows * kCols), dx(kRows * kCols);
   uint32_t state = 12345;
@@ -163,8 +162,9 @@ template <class T>
 BernoulliLookups bernoulli_lookups() {
   if constexpr (kHalfTables<T>) {
     static const BernoulliLookups chosen = [] {
-      const BernoulliTables* t = make_bernoulli_tables<T>();
       const int forced = half_tables_forced();
+      if (forced == 0) return BernoulliLookups{};
+      const BernoulliTables* t = make_bernoulli_tables<T>();
       const LookupWins wins = forced >= 0 ? LookupWins{forced == 1, forced == 1} : lookups_win<T>(*t);
       if (!wins.forward && !wins.backward) {
         delete t;  // 512 KiB this process will not look at
