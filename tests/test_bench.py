@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import platform
 import struct
 import zlib
 
@@ -149,10 +151,10 @@ def test_paired_speedup_is_the_median_of_round_ratios():
 # ---------------------------------------------------------------------------
 # compare / baseline
 # ---------------------------------------------------------------------------
-def _doc(ratios: dict, threads=2) -> dict:
+def _doc(ratios: dict, threads=2, cpu_id="GenuineIntel family 6 model 207 stepping 2") -> dict:
     machine = {"device": "cpu", "device_name": "cpu-x", "cpu_model": "cpu-x", "cpu_count": 2, "torch_threads": threads,
                "cpu_capability": "AVX512", "torch": torch.__version__, "python": "3", "platform": "linux",
-               "fastelbo": "0", "triton": None}
+               "fastelbo": "0", "triton": None, "cpu_id": cpu_id}
     results = []
     for key, r in ratios.items():
         op, pass_, shape, dtype, backend = key.split("/")
@@ -202,6 +204,25 @@ def test_compare_boundary_and_missing_cases():
     assert sum(r["status"] == "missing" for r in res["rows"]) == 2  # kl not measured: listed, not failed
     assert any("torch_threads" in n for n in res["notes"])
     assert not report.compare(_doc({}), _doc(BASE))["compared"]
+
+
+def test_compare_says_when_the_cpu_model_is_not_the_baselines():
+    same = report.compare(_doc(BASE), report.baseline_doc(_doc(BASE)))
+    assert not [n for n in same["notes"] if "CPU model" in n]
+    other = report.compare(_doc(BASE, cpu_id="GenuineIntel family 6 model 106 stepping 6"),
+                           report.baseline_doc(_doc(BASE)))
+    assert [n for n in other["notes"] if "CPU model differs" in n and "model 106" in n and "model 207" in n]
+    assert other["ok"]  # a note, not a verdict: the ratios are still compared
+    unnamed = report.compare(_doc(BASE), report.baseline_doc(_doc(BASE, cpu_id=None)))
+    assert [n for n in unnamed["notes"] if "does not record its CPU model" in n]
+
+
+def test_machine_info_names_the_cpu_model():
+    info = M.machine_info("cpu")
+    assert info["cpu_id"] and isinstance(info["cpu_caches"], dict)
+    if os.path.exists("/proc/cpuinfo") and platform.machine() in ("x86_64", "AMD64"):
+        assert " family " in info["cpu_id"] and " model " in info["cpu_id"], info["cpu_id"]
+    assert info["cpu_id"] in "\n".join(report.header({"machine": info}))
 
 
 def test_merge_runs_takes_the_median_ratio_or_for_a_baseline_the_lowest():

@@ -357,6 +357,49 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """Vendor, family, model and stepping from /proc/cpuinfo: under a hypervisor the
+    model name is often a generic "Intel(R) Xeon(R) Processor" shared by CPU
+    generations whose speed ratios differ (a baseline holds for one of them)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip().lower()] = value.strip()
+    except OSError:
+        pass
+    if "cpu family" in fields and "model" in fields:
+        return (f"{fields.get('vendor_id', '?')} family {fields['cpu family']} model {fields['model']} "
+                f"stepping {fields.get('stepping', '?')}")
+    return platform.processor() or platform.machine()
+
+
+def cpu_caches() -> dict:
+    """Cache sizes of CPU 0 as Linux reports them ({"L1d": "48K", "L2": "2048K", ...}); {} elsewhere."""
+    caches = {}
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(root)):
+            d = os.path.join(root, entry)
+            try:
+                with open(os.path.join(d, "level")) as f:
+                    level = f.read().strip()
+                with open(os.path.join(d, "type")) as f:
+                    kind = f.read().strip()
+                with open(os.path.join(d, "size")) as f:
+                    size = f.read().strip()
+            except OSError:
+                continue
+            suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+            caches[f"L{level}{suffix}"] = size
+    except OSError:
+        pass
+    return caches
+
+
 def _own_cpu_seconds() -> float:
     """CPU seconds of this process, its reaped children, and its live descendants
     (Inductor's compile workers and what they ran) from /proc."""
@@ -427,6 +470,8 @@ def machine_info(device="cpu") -> dict:
         "device": dev.type,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
+        "cpu_caches": cpu_caches(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -454,4 +499,4 @@ def machine_info(device="cpu") -> dict:
 
 __all__ = ["sync", "warm_up", "calibrate", "time_interleaved", "median", "paired_speedup", "copy_bandwidth",
            "copy_ref", "saved_for_backward", "peak_bytes", "overhead_layers", "overhead_callables", "OVERHEAD_DOC", "profile_table", "machine_info",
-           "Interference", "cpu_model", "COPY_SIZES"]
+           "Interference", "cpu_model", "cpu_id", "cpu_caches", "COPY_SIZES"]

@@ -43,6 +43,10 @@ def header(doc: dict) -> list[str]:
     m = doc["machine"]
     dev = m["device"]
     cpu = f"{m['cpu_model']}, {m['cpu_count']} logical cores, {m['torch_threads']} torch threads, {m['cpu_capability']}"
+    if m.get("cpu_id"):
+        cpu += f"; {m['cpu_id']}"
+    if m.get("cpu_caches"):
+        cpu += "; " + " ".join(f"{level} {size}" for level, size in m["cpu_caches"].items())
     lines = [f"fastelbo bench ({doc.get('mode', 'custom')} sweep, {doc.get('created', '')})"]
     if dev == "cuda":
         lines.append(f"device: cuda ({m['device_name']}); host CPU: {cpu}")
@@ -232,6 +236,16 @@ def compare(current: dict, baseline: dict, tolerance: float = DEFAULT_TOLERANCE)
         if mb.get(field) != mc.get(field):
             notes.append(f"machine differs from the baseline's: {field} {mb.get(field)!r} -> {mc.get(field)!r} "
                          "(ratios are still compared)")
+    # Ratios survive load and clock speed, not a change of CPU generation: say so where the run cannot
+    # tell whether the CPU is the baseline's.
+    if mb.get("device") == "cpu" and mc.get("cpu_id"):
+        if not mb.get("cpu_id"):
+            notes.append("the baseline does not record its CPU model (cpu_id); ratios hold for one CPU model, so "
+                         "a failure may mean a different CPU: record the baseline on this runner")
+        elif mb["cpu_id"] != mc["cpu_id"]:
+            notes.append(f"CPU model differs from the baseline's: {mb['cpu_id']!r} -> {mc['cpu_id']!r}; ratios hold "
+                         "for one CPU model, so a failure may mean the CPU, not fastelbo: record the baseline on "
+                         "this runner")
     others = current.get("others_cpu_fraction")
     if others is not None and others > 0.10:
         notes.append(f"WARNING: other processes used {100 * others:.0f}% of the CPUs during this run; ratios measured "
