@@ -2,6 +2,11 @@
 
     python bench/profile_step.py [--shape 4096x784x64] [--dtype float32] [--rounds 15]
 
+With --dtype float16/bfloat16 the float32 step is timed in the same rounds too, and the
+ratio of the two (median of per-round ratios) printed: on a host whose speed drifts
+between runs, only interleaved rounds compare the dtypes (the target: bfloat16 at least
+as fast as float32).
+
 Times, interleaved in the same run (medians of rounds, fastelbo.bench.measure):
   - the step exactly as `fastelbo bench --ops step` times it (rsample + ELBOLoss(Bernoulli), forward
     and backward, through autograd);
@@ -64,6 +69,10 @@ def main(argv=None) -> None:
         "read recon, x + write [B, Dx]": lambda: torch.add(recon, x, out=out),
     }
     step = C.build(case, "fastelbo-cpu", t)[1]
+    first = {"step": step}
+    if args.dtype != "float32":
+        case32 = C.Case("step", "fwd+bwd", C.Shape("custom", B, Dx, Dz), "float32")
+        first["float32 step"] = C.build(case32, "fastelbo-cpu", C.make_inputs(case32))[1]
 
     def in_sequence():
         for fn in kernels.values():
@@ -71,12 +80,13 @@ def main(argv=None) -> None:
 
     # Two interleaved groups: the step beside its kernels run back to back (the same traffic, so
     # neither runs on caches the other left cold), then each kernel alone beside the floors.
-    med = {}
-    for group in ({"step": step, "kernels in step order": in_sequence}, {**kernels, **floors}):
+    med, rounds = {}, {}
+    for group in ({**first, "kernels in step order": in_sequence}, {**kernels, **floors}):
         for fn in group.values():
             M.warm_up(fn)
         times = M.time_interleaved(group, args.rounds, 0.01)
         med.update({k: M.median(v["rounds_s"]) * 1e3 for k, v in times.items()})
+        rounds.update({k: v["rounds_s"] for k, v in times.items()})
     total = med["step"]
     in_kernels = med["kernels in step order"]
     print(f"{args.shape} {args.dtype}, {torch.get_num_threads()} threads, {M.cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
@@ -86,6 +96,10 @@ def main(argv=None) -> None:
     print(f"{'kernels in step order':34s} {in_kernels:7.3f} {in_kernels / total:6.0%}")
     print(f"{'glue (step - kernels in order)':34s} {total - in_kernels:7.3f} {(total - in_kernels) / total:6.0%}")
     print(f"{'step':34s} {total:7.3f}")
+    if "float32 step" in med:
+        ratio = 1.0 / M.paired_speedup(rounds["float32 step"], rounds["step"])
+        print(f"{'float32 step, same rounds':34s} {med['float32 step']:7.3f}   {args.dtype} / float32 = {ratio:.2f} "
+              "(median of per-round ratios)")
     print("memory floors of the [B, Dx] traffic:")
     for k in floors:
         print(f"{k:34s} {med[k]:7.3f}   step / floor {total / med[k]:.2f}x")

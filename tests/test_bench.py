@@ -368,3 +368,8 @@ def test_profile_step_script_runs_and_accounts_for_the_step(capsys):
     out = capsys.readouterr().out
     for part in ("rsample", "elbo_backward", "kernels in step order", "glue", "read recon, x + write"):
         assert part in out, out
+    assert "float32 step" not in out  # float32 has nothing to compare with
+    module.main(["--shape", "32x64x8", "--rounds", "3", "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert "bfloat16 32x64x8" in out or "32x64x8 bfloat16" in out, out
+    assert "float32 step, same rounds" in out and "bfloat16 / float32 = " in out, out
