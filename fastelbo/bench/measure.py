@@ -342,7 +342,8 @@ def profile_table(fn, calls: int = 10, device="cpu", row_limit: int = 15) -> str
         for _ in range(calls):
             fn()
         sync(device)
-    key = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
+    # self_device_time_total: torch >= 2.4 (self_cuda_time_total is deprecated there)
+    key = "self_device_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=row_limit)
 
 
