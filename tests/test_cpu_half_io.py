@@ -79,16 +79,11 @@ def test_rsample_forward_and_backward(cpu_ops, dtype, shape):
     _same(run(mu, lv, gz), run(mu.float(), lv.float(), gz.float()), dtype)
 
 
-@pytest.mark.parametrize("dtype", HALF)
-def test_bernoulli_every_16bit_logit(cpu_ops, dtype):
-    """Every one of the 65536 logit bit patterns (inf and NaN included), one element per row: the
-    Bernoulli term and its logit gradient equal the float32 kernel's on the upcast logit, rounded once.
-    On AVX-512 and AVX2 the logit-only parts may come from tables (csrc/cpu/half_tables.h): where
-    this host uses them, this checks every entry; the forced test below checks both ways on any host."""
+def _every_16bit_logit(cpu_ops, dtype, cols):
     logits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     xs = torch.tensor([0.0, 0.3, 1.0]).to(dtype)
-    recon = logits.repeat(len(xs)).reshape(-1, 1)
-    x = xs.repeat_interleave(len(logits)).reshape(-1, 1)
+    recon = logits.repeat(len(xs)).reshape(-1, cols)
+    x = xs.repeat_interleave(len(logits)).reshape(-1, cols)
     g = torch.randn(recon.shape[0], generator=torch.Generator().manual_seed(5)).to(dtype)
 
     def run(r, t, gg):
@@ -97,7 +92,28 @@ def test_bernoulli_every_16bit_logit(cpu_ops, dtype):
     for h, f in zip(run(recon, x, g), run(recon.float(), x.float(), g.float())):
         f = f.to(dtype)
         same = (h == f) | (h.isnan() & f.isnan())
-        assert same.all(), f"{(~same).sum()} of {same.numel()} differ, first at logit {recon.flatten()[~same.flatten()][:4]}"
+        if same.shape == recon.shape:
+            where = f"first at logit {recon[~same][:4]}"
+        else:  # a row's log p
+            where = f"first in the row of logits {recon[~same][:1]}"
+        assert same.all(), f"{(~same).sum()} of {same.numel()} differ, {where}"
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_bernoulli_every_16bit_logit(cpu_ops, dtype):
+    """Every one of the 65536 logit bit patterns (inf and NaN included), one element per row: the
+    Bernoulli term and its logit gradient equal the float32 kernel's on the upcast logit, rounded once.
+    On AVX-512 and AVX2 the logit-only parts may come from tables (csrc/cpu/half_tables.h): where
+    this host uses them, this checks every entry; the forced test below checks both ways on any host."""
+    _every_16bit_logit(cpu_ops, dtype, 1)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_bernoulli_every_16bit_logit_in_long_rows(cpu_ops, dtype):
+    """The same in rows of 1024: whole registers, and on AVX-512 the bfloat16 gradient loop that
+    loads and rounds two registers at a time (csrc/cpu/rows.h, load_bf16_pair / store_bf16_pair),
+    so its rounding and NaN handling meet every bit pattern too."""
+    _every_16bit_logit(cpu_ops, dtype, 1024)
 
 
 # Each table is used only where it is faster on the host (timed at first use), so one process
@@ -106,7 +122,7 @@ FORCED = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
     from fastelbo import _build, _backend
-    from test_cpu_half_io import test_bernoulli_every_16bit_logit
+    from test_cpu_half_io import test_bernoulli_every_16bit_logit, test_bernoulli_every_16bit_logit_in_long_rows
     used = _build.cpu_half_tables()
     if used is None:
         print("NO TABLES IN THIS BUILD")
@@ -116,6 +132,7 @@ FORCED = textwrap.dedent("""
     ops = _backend.impl("cpu", torch.device("cpu"))
     for dtype in (torch.bfloat16, torch.float16):
         test_bernoulli_every_16bit_logit(ops, dtype)
+        test_bernoulli_every_16bit_logit_in_long_rows(ops, dtype)
     print("FORCED OK", used)
 """)
 

@@ -165,6 +165,40 @@ inline void store_half(T* p, const at::vec::Vectorized<float>& v, int64_t w, boo
   else
     _mm256_mask_storeu_epi16(p, first_lanes(w), bits);
 }
+
+// bfloat16 two registers at a time, for elementwise loops (map_row): one 64-byte
+// load holds 32 values, and each 32-bit lane's low half (the even value) and high
+// half (the odd value) are already float32 bit patterns once shifted or masked:
+// 2 instructions per 32 values instead of 4. The store rounds both registers to
+// nearest even as at::vec::cvtfp32_bf16 does (NaN -> 0xFFFF, the same bits) and
+// interleaves them back with one ternary-logic op. Element order changes inside
+// the pair, so sums (reduce_row) never use this: their lanes must add the values
+// in the float32 kernel's order.
+inline void load_bf16_pair(const at::BFloat16* p, __m512& even, __m512& odd) {
+  const __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// v rounded to bfloat16 (nearest even) in the upper half of each lane; NaN -> all ones.
+inline __m512i bf16_rne_upper(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(-1), r);
+}
+
+// stream: p 64-byte aligned, non-temporal.
+inline void store_bf16_pair(at::BFloat16* p, __m512 even, __m512 odd, bool stream) {
+  const __m512i lo = _mm512_srli_epi32(bf16_rne_upper(even), 16);
+  // lo | (odd's rounded bits & 0xFFFF0000): truth table A | (B & C) = 0xF8
+  const __m512i bits = _mm512_ternarylogic_epi32(lo, bf16_rne_upper(odd),
+                                                 _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), 0xF8);
+  if (stream)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+  else
+    _mm512_storeu_si512(p, bits);
+}
 #endif
 
 // The N operands of columns [j, j + n) of row i as Vectorized<A>: read in place
@@ -186,6 +220,13 @@ struct ChunkIn {
       else
         p[q] = in[q].chunk(i, j, n, scratch[q]);
     }
+  }
+
+  // Every operand read in place from 16-bit memory (the bfloat16 pair loop's condition).
+  bool all_raw() const {
+    for (size_t q = 0; q < N; ++q)
+      if (!raw[q]) return false;
+    return true;
   }
 
   // Values k .. k + w - 1 of operand q (w <= Vec::size(); lanes past w are zero).
@@ -320,7 +361,7 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
     if (stream)
       for (size_t m = 0; m < M; ++m)
         nt[m] = out_rows[m] && reinterpret_cast<uintptr_t>(out_rows[m] + j) % kOutVecBytes == 0;
-    for (int64_t k = 0; k < n; k += W) {
+    auto one = [&](int64_t k) {  // values k .. k + w - 1, one register per operand
       const int64_t w = std::min(W, n - k);
       prefetch_at(pf, k);
       for (size_t q = 0; q < N; ++q) v[q] = c.load(q, k, w);
@@ -345,7 +386,44 @@ void map_row_add(const std::array<Operand<T>, N>& in, int64_t i, int64_t cols, a
           o[m].store(result[m] + k, w);
         }
       }
+    };
+    int64_t k = 0;
+#if defined(FASTELBO_VEC_AVX512)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      bool pairs = c.all_raw();
+      if constexpr (kAdd)
+        for (size_t m = 0; m < M; ++m) pairs = pairs && !add_rows[m];
+      if (pairs) {
+        // A streamed pair needs 64-byte alignment: one register first where the
+        // first output's chunk starts half-way (every other 784-value row).
+        const T* first = nullptr;
+        for (size_t m = 0; m < M && !first; ++m) first = out_rows[m];
+        if (stream && first && reinterpret_cast<uintptr_t>(first + j) % 64 != 0 && n >= W) {
+          one(0);
+          k = W;
+        }
+        std::array<bool, M> nt2{};
+        for (size_t m = 0; m < M; ++m)
+          nt2[m] = stream && out_rows[m] && reinterpret_cast<uintptr_t>(out_rows[m] + j + k) % 64 == 0;
+        std::array<Vec, N> ve, vo;
+        std::array<Vec, M> oe, oo;
+        for (; k + 2 * W <= n; k += 2 * W) {
+          prefetch_at(pf, k);  // one 64-byte line per operand
+          for (size_t q = 0; q < N; ++q) {
+            __m512 e, od;
+            load_bf16_pair(c.raw[q] + k, e, od);
+            ve[q] = e;
+            vo[q] = od;
+          }
+          f(gv, ve, oe);
+          f(gv, vo, oo);
+          for (size_t m = 0; m < M; ++m)
+            if (out_rows[m]) store_bf16_pair(out_rows[m] + j + k, oe[m], oo[m], nt2[m]);
+        }
+      }
     }
+#endif
+    for (; k < n; k += W) one(k);
     if constexpr (!std::is_same_v<T, A> && !kHalfInRegisters<T>) {
       for (size_t m = 0; m < M; ++m)
         if (out_rows[m] && !(kAdd && add_rows[m])) store_chunk(out_rows[m], j, n, result[m]);
