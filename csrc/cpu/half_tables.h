@@ -110,9 +110,10 @@ inline int half_tables_forced() {
 }
 
 // Whether the row loops run faster with a table than computing its function.
-// Timed on the loops themselves (reduce_row forward, map_row backward; best of 5
-// interleaved rounds over 64 rows of 784 logits, about a millisecond in all):
-// a gather that beats the arithmetic alone can lose among a row's loads and stores.
+// Timed on the loops themselves (reduce_row forward, map_row backward writing the
+// logits' gradient only, as a training step asks; best of 5 interleaved rounds over
+// 64 rows of 784 logits, about a millisecond in all): a gather that beats the
+// arithmetic alone can lose among a row's loads and stores.
 struct LookupWins {
   bool forward, backward;
 };
@@ -120,7 +121,7 @@ struct LookupWins {
 template <class T>
 LookupWins lookups_win(const BernoulliTables& t) {
   constexpr int64_t kRows = 64, kCols = 784;
-  std::vector<T> l(kRows * kCols), x(kRows * kCols), dl(kRows * kCols), dx(kRows * kCols);
+  std::vector<T> l(kRows * kCols), x(kRows * kCols), dl(kRows * kCols);
   uint32_t state = 12345;
   for (size_t k = 0; k < l.size(); ++k) {  // logits spread over [-8, 8), binary targets
     state = state * 1664525u + 1013904223u;
@@ -142,7 +143,7 @@ LookupWins lookups_win(const BernoulliTables& t) {
   auto backward = [&](auto f) {
     return elapsed([&] {
       for (int64_t i = 0; i < kRows; ++i)
-        map_row<T, 2, 2>({r, xs}, i, kCols, 1.f, {dl.data() + i * kCols, dx.data() + i * kCols}, f);
+        map_row<T, 2, 2>({r, xs}, i, kCols, 1.f, {dl.data() + i * kCols, nullptr}, f);  // a step's drecon only
     });
   };
   using D = std::chrono::steady_clock::duration;
