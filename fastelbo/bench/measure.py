@@ -35,12 +35,14 @@ Peak of temporaries
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import platform
 import statistics
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -347,21 +349,9 @@ def profile_table(fn, calls: int = 10, device="cpu", row_limit: int = 15) -> str
     return prof.key_averages().table(sort_by=key, row_limit=row_limit)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_id() -> str:
-    """Vendor, family, model and stepping from /proc/cpuinfo: under a hypervisor the
-    model name is often a generic "Intel(R) Xeon(R) Processor" shared by CPU
-    generations whose speed ratios differ (a baseline holds for one of them)."""
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo (lower-case keys); {} where there is none."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -372,6 +362,18 @@ def cpu_id() -> str:
                 fields[key.strip().lower()] = value.strip()
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str:
+    """Vendor, family, model and stepping from /proc/cpuinfo: under a hypervisor the
+    model name is often a generic "Intel(R) Xeon(R) Processor" shared by CPU
+    generations whose speed ratios differ (a baseline holds for one of them)."""
+    fields = _cpuinfo()
     if "cpu family" in fields and "model" in fields:
         return (f"{fields.get('vendor_id', '?')} family {fields['cpu family']} model {fields['model']} "
                 f"stepping {fields.get('stepping', '?')}")
@@ -381,23 +383,12 @@ def cpu_id() -> str:
 def cpu_caches() -> dict:
     """Cache sizes of CPU 0 as Linux reports them ({"L1d": "48K", "L2": "2048K", ...}); {} elsewhere."""
     caches = {}
-    root = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in sorted(os.listdir(root)):
-            d = os.path.join(root, entry)
-            try:
-                with open(os.path.join(d, "level")) as f:
-                    level = f.read().strip()
-                with open(os.path.join(d, "type")) as f:
-                    kind = f.read().strip()
-                with open(os.path.join(d, "size")) as f:
-                    size = f.read().strip()
-            except OSError:
-                continue
-            suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
-            caches[f"L{level}{suffix}"] = size
-    except OSError:
-        pass
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((d / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches[f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")] = size
     return caches
 
 
