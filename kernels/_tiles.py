@@ -9,7 +9,8 @@ and long rows (Dx up to 3*256*256) stream through a few registers. BLOCK
 follows D (next power of two, capped); ROWS and num_warps are autotuned on
 GPUs (key: D and the tensors' dtypes). Elementwise noise kernels (rsample) use
 flat blocks of BLOCK logical elements, a multiple of 4 so that each Philox
-counter group lies in one program.
+counter group lies in one program; BLOCK and num_warps are autotuned on the
+element count (and D, dtypes).
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors): every program instance and
 every loop trip costs milliseconds whatever the block size, so one fixed,
@@ -62,13 +63,11 @@ def _row_configs():
     return [triton.Config({"ROWS": 2**i}, num_warps=w) for i in range(9) for w in (2, 4, 8)]
 
 
-def _prune_row_configs(configs, named_args, **kwargs):
-    """Per warp count, the smallest and the largest ROWS whose tile ROWS * BLOCK holds 1 to 16
+def prune_row_configs(configs, block: int, fp64: bool):
+    """Per warp count, the smallest and the largest ROWS whose tile ROWS * block holds 1 to 16
     elements per thread per operand (8 for float64: no spills in the widest backward, see
     tests/test_triton_cubin.py) and is at least 1024 elements when rows are short."""
-    args = {**named_args, **kwargs}
-    block = max(args[k] for k in ("BLOCK", "BLOCK_X", "BLOCK_Z") if k in args)
-    per_thread = 8 if args.get("FP64") else 16
+    per_thread = 8 if fp64 else 16
     keep = []
     for w in (2, 4, 8):
         fits = [c for c in configs
@@ -79,27 +78,79 @@ def _prune_row_configs(configs, named_args, **kwargs):
     return keep or [c for c in configs if c.kwargs["ROWS"] == 1 and c.num_warps == 8]
 
 
-def row_autotune(kernel, key):
-    """The GPU launcher of a [ROWS, BLOCK] kernel: ROWS and num_warps autotuned on `key` (+ dtypes)."""
-    prune = {"early_config_prune": _prune_row_configs}
-    return triton.autotune(configs=_row_configs(), key=key, prune_configs_by=prune)(kernel)
-
-
 def _flat_configs():
     # At most 8 elements per thread: Philox keeps 4 words per counter group live (16 per thread spill).
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 2), (1024, 4), (1024, 8), (2048, 8))]
 
 
-def _prune_flat_configs(configs, named_args, **kwargs):
-    n = int({**named_args, **kwargs}["N"])
-    keep = [c for c in configs if c.kwargs["BLOCK"] <= max(triton.next_power_of_2(n), 512)]
+def prune_flat_configs(configs, n: int):
+    """The configurations whose BLOCK is at most n's next power of two (or the smallest BLOCK)."""
+    keep = [c for c in configs if c.kwargs["BLOCK"] <= max(triton.next_power_of_2(int(n)), 512)]
     return keep or configs[:1]
 
 
-def flat_autotune(kernel, key):
-    """The GPU launcher of a flat kernel: BLOCK (elements per program) and num_warps autotuned."""
-    prune = {"early_config_prune": _prune_flat_configs}
-    return triton.autotune(configs=_flat_configs(), key=key, prune_configs_by=prune)(kernel)
+# A prune gets the launch as Triton's autotuner hands it over: early_config_prune(configs, named_args,
+# **kwargs), named_args the positional arguments by the kernel's own names, kwargs the constexprs the
+# launcher passes by keyword (and the autotuner's grid, warmup). Each prune is built for its kernel from
+# names checked against the kernel's signature when the kernels are defined, so a renamed argument fails
+# at import, not at the first launch on a GPU (the only place the autotuner runs).
+ROW_BLOCKS = ("BLOCK", "BLOCK_X", "BLOCK_Z")  # the column-block constexprs a row kernel may have
+
+
+def _kernel_name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
+
+
+def _require_arguments(kernel, what: str, names) -> None:
+    missing = [n for n in names if n not in kernel.arg_names]
+    if missing:
+        raise ValueError(f"fastelbo: {what} of {_kernel_name(kernel)} names {missing}, which are not arguments of "
+                         f"the kernel ({', '.join(kernel.arg_names)})")
+
+
+def _launch_value(name: str, named_args: dict, kwargs: dict, kernel: str):
+    """Argument `name` of a launch, by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    if name in named_args:
+        return named_args[name]
+    raise KeyError(f"fastelbo: the autotune prune of {kernel} needs its argument {name!r}, which the launch did "
+                   f"not pass (got {sorted(named_args) + sorted(kwargs)})")
+
+
+def row_autotune(kernel, key):
+    """The GPU launcher of a [ROWS, BLOCK] kernel: ROWS and num_warps autotuned on `key` (+ dtypes).
+    The prune reads the kernel's BLOCK* constexprs (functions of the key's sizes) and FP64 (of its dtypes)."""
+    blocks = [b for b in ROW_BLOCKS if b in kernel.arg_names]
+    if not blocks:
+        raise ValueError(f"fastelbo: {_kernel_name(kernel)} has none of the column-block constexprs {ROW_BLOCKS}")
+    _require_arguments(kernel, "the autotune key", key)
+    _require_arguments(kernel, "the row configurations", ["ROWS", "FP64"])
+    name = _kernel_name(kernel)
+
+    def prune(configs, named_args, **kwargs):
+        block = max([int(_launch_value(b, named_args, kwargs, name)) for b in blocks])
+        return prune_row_configs(configs, block, bool(_launch_value("FP64", named_args, kwargs, name)))
+
+    return triton.autotune(configs=_row_configs(), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def flat_autotune(kernel, key, size: str):
+    """The GPU launcher of a flat kernel: BLOCK (elements per program) and num_warps autotuned on `key`
+    (+ dtypes). `size` names the argument holding the number of elements the grid covers: the prune
+    reads it, so it must be in the key (the autotuner keeps one choice per key: a prune that read
+    anything else would make the first launch's choice stick to every later size)."""
+    _require_arguments(kernel, "the autotune key", key)
+    _require_arguments(kernel, "the flat configurations", [size, "BLOCK"])
+    if size not in key:
+        raise ValueError(f"fastelbo: the autotune key of {_kernel_name(kernel)} must hold {size!r}, which its prune "
+                         f"reads, got {key}")
+    name = _kernel_name(kernel)
+
+    def prune(configs, named_args, **kwargs):
+        return prune_flat_configs(configs, _launch_value(size, named_args, kwargs, name))
+
+    return triton.autotune(configs=_flat_configs(), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +187,23 @@ def opaque_under_interpreter(op: str):
     return decorator
 
 
+# The GPU grids: functions of `meta`, the launch's arguments by name with the autotuner's pick among
+# them (ROWS or BLOCK), as Triton (and torch.compile) call a grid.
+def rows_grid(rows: int):
+    """launch_rows: a program per ROWS rows."""
+    return lambda meta: (triton.cdiv(rows, meta["ROWS"]),)
+
+
+def rows_2d_grid(rows: int, chunks: int, slots: int | None):
+    """launch_rows_2d: (a program per ROWS rows, or `slots` programs) x column chunks."""
+    return lambda meta: (slots or triton.cdiv(rows, meta["ROWS"]), chunks)
+
+
+def flat_grid(n: int):
+    """launch_flat: a program per BLOCK elements."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
 def launch_rows(kernel, tuned, rows: int, args: tuple, block: int, **constexprs) -> None:
     """Runs a [ROWS, BLOCK] kernel over `rows` rows. `block` is the widest BLOCK* constexpr
     (already among `constexprs`); it sizes ROWS under the interpreter."""
@@ -147,7 +215,7 @@ def launch_rows(kernel, tuned, rows: int, args: tuple, block: int, **constexprs)
         r = interpreter_rows(rows, block)
         kernel[(triton.cdiv(rows, r),)](*args, ROWS=r, **constexprs)
         return
-    wrap_triton(tuned)[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **constexprs)
+    wrap_triton(tuned)[rows_grid(rows)](*args, **constexprs)
 
 
 def reduce_slots(rows: int, chunks: int) -> int:
@@ -174,7 +242,7 @@ def launch_rows_2d(kernel, tuned, rows: int, cols: int, args: tuple, block: int,
         r = interpreter_rows(rows, block)
         kernel[(slots or triton.cdiv(rows, r), chunks)](*args, ROWS=r, **constexprs)
         return
-    wrap_triton(tuned)[lambda meta: (slots or triton.cdiv(rows, meta["ROWS"]), chunks)](*args, **constexprs)
+    wrap_triton(tuned)[rows_2d_grid(rows, chunks, slots)](*args, **constexprs)
 
 
 def launch_flat(kernel, tuned, n: int, args: tuple, **constexprs) -> None:
@@ -187,7 +255,7 @@ def launch_flat(kernel, tuned, n: int, args: tuple, **constexprs) -> None:
         block = min(INTERPRET_FLAT_BLOCK, max(4, triton.next_power_of_2(n)))
         kernel[(triton.cdiv(n, block),)](*args, BLOCK=block, **constexprs)
         return
-    wrap_triton(tuned)[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](*args, **constexprs)
+    wrap_triton(tuned)[flat_grid(n)](*args, **constexprs)
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -129,8 +129,8 @@ def _rsample_bwd_kernel(
         tl.store(dlv_ptr + m, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
-_rsample_fwd_tuned = T.flat_autotune(_rsample_fwd_kernel, key=["D"])
-_rsample_bwd_tuned = T.flat_autotune(_rsample_bwd_kernel, key=["D"])
+_rsample_fwd_tuned = T.flat_autotune(_rsample_fwd_kernel, key=["N", "D"], size="N")
+_rsample_bwd_tuned = T.flat_autotune(_rsample_bwd_kernel, key=["M", "D"], size="M")
 
 
 # ---------------------------------------------------------------------------

@@ -354,14 +354,13 @@ def test_autotune_space_stays_in_the_tile_budget():
 
     for block in (1, 2, 8, 32, 128, 1024, 2048):
         for fp64 in (0, 1):
-            for args in ({"BLOCK": block}, {"BLOCK_X": block, "BLOCK_Z": 16}):
-                kept = _tiles._prune_row_configs(_tiles._row_configs(), {**args, "FP64": fp64})
-                assert 1 <= len(kept) <= 6, (block, kept)
-                for c in kept:
-                    per_thread = c.kwargs["ROWS"] * block / (32 * c.num_warps)
-                    assert per_thread <= (8 if fp64 else 16), (block, fp64, c)
+            kept = _tiles.prune_row_configs(_tiles._row_configs(), block, fp64)
+            assert 1 <= len(kept) <= 6, (block, kept)
+            for c in kept:
+                per_thread = c.kwargs["ROWS"] * block / (32 * c.num_warps)
+                assert per_thread <= (8 if fp64 else 16), (block, fp64, c)
     for n in (1, 100, 10**6):
-        for c in _tiles._prune_flat_configs(_tiles._flat_configs(), {"N": n}):
+        for c in _tiles.prune_flat_configs(_tiles._flat_configs(), n):
             assert c.kwargs["BLOCK"] % 4 == 0 and c.kwargs["BLOCK"] / (32 * c.num_warps) <= 8
     assert _tiles.block_for(3 * 256 * 256) == (_tiles.INTERPRET_MAX_BLOCK if _tiles.INTERPRET
                                                else _tiles.GPU_MAX_BLOCK)
