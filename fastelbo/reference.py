@@ -16,7 +16,7 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.distributions import Bernoulli, Normal, kl_divergence
+from torch.distributions import Bernoulli, Normal
 
 from . import _philox
 from ._seed import seed_tensor
@@ -60,18 +60,37 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
     return q.loc + eps * q.scale
 
 
-def _prior_normal(prior_mu, prior_logvar, like) -> Normal:
-    """p(z): N(prior_mu, e^prior_logvar), a missing half standard (mean 0, log-variance 0)."""
+def _prior_params(prior_mu, prior_logvar, like) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, log-variance) of p(z) = N(prior_mu, e^prior_logvar) as tensors of like's shape and dtype,
+    a missing half standard (mean 0, log-variance 0)."""
     pmu = torch.zeros_like(like) if prior_mu is None else torch.as_tensor(prior_mu, dtype=like.dtype, device=like.device)
     plv = (torch.zeros_like(like) if prior_logvar is None
            else torch.as_tensor(prior_logvar, dtype=like.dtype, device=like.device))
-    return Normal(pmu.expand_as(like), _std(plv).expand_as(like), validate_args=False)
+    return pmu.expand_as(like), plv.expand_as(like)
+
+
+def _prior_normal(prior_mu, prior_logvar, like) -> Normal:
+    """p(z): N(prior_mu, e^prior_logvar), a missing half standard (mean 0, log-variance 0)."""
+    pmu, plv = _prior_params(prior_mu, prior_logvar, like)
+    return Normal(pmu, _std(plv), validate_args=False)
 
 
 def _kl_elements(mu, logvar, prior_mu, prior_logvar) -> torch.Tensor:
-    """KL(q || p) per latent element, [B, Dz]."""
-    q = Normal(mu, _std(logvar), validate_args=False)
-    return kl_divergence(q, _prior_normal(prior_mu, prior_logvar, mu))
+    """KL(q || p) per latent element, [B, Dz]: torch.distributions' kl_divergence(Normal, Normal),
+    0.5 * (var_ratio + t1 - 1 - log var_ratio), with the variance ratio taken from the log-variances.
+
+    kl_divergence forms var_ratio = (e^(lv/2) / e^(plv/2))^2 and then its log: the square underflows
+    to 0 (KL inf) for a float32 logvar below about -104 and overflows to inf (KL inf - inf = NaN)
+    above about 88, where the KL is finite, resp. +inf. Here var_ratio = e^(lv - plv) and
+    log var_ratio = lv - plv exactly: the KL is right to rounding for very negative log-variances
+    and +inf for very positive ones, in every dtype, as in the kernels (which also say inf where
+    e^(lv - plv) overflows but half of it would not). t1 is kl_divergence's own.
+    tests/test_reference.py holds this form to kl_divergence on ordinary values.
+    """
+    pmu, plv = _prior_params(prior_mu, prior_logvar, mu)
+    log_ratio = logvar - plv
+    t1 = ((mu - pmu) / _std(plv)).pow(2)
+    return 0.5 * (torch.exp(log_ratio) + t1 - 1 - log_ratio)
 
 
 def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None) -> torch.Tensor:
