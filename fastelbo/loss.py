@@ -32,8 +32,9 @@ class ELBOLoss(nn.Module):
 
     free_bits=λ > 0 (Kingma et al. 2016): the KL of each latent dimension,
     averaged over the batch, is floored at λ nats (a dimension under the floor
-    gets no KL gradient). KL annealing is the caller's beta (see
-    docs/training.md for a schedule).
+    gets no KL gradient; one whose batch-mean KL is NaN makes the loss and its
+    gradient NaN, as max(λ, NaN) is NaN). KL annealing is the caller's beta
+    (see docs/training.md for a schedule).
     """
 
     def __init__(self, likelihood: str = "bernoulli", beta: float = 1.0, reduction: str = "mean", *,

@@ -101,10 +101,21 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None) -> torch.Tensor:
 def free_bits_kl(mu, logvar, free_bits, prior_mu=None, prior_logvar=None) -> torch.Tensor:
     """KL per row with free bits (Kingma et al. 2016): dimensions whose batch-mean KL is below
     `free_bits` nats count as exactly `free_bits` (no gradient), so that the batch mean of the
-    result is sum_j max(free_bits, mean_b KL[b, j]) -- torch.clamp's rule, gradient included."""
+    result is sum_j torch.clamp(mean_b KL[b, j], min=free_bits).
+
+    A dimension whose batch-mean KL is NaN is NaN under the clamp (max(free_bits, NaN) is NaN):
+    it is NaN in every row, and so is the gradient of each of its elements (mu, logvar and the
+    priors), whichever row the NaN came from. (torch.clamp's own autograd would pass 0 there, a
+    silent zero gradient under a NaN loss; free bits keep the NaN visible instead.)"""
     kl = _kl_elements(mu, logvar, prior_mu, prior_logvar)
-    active = kl.mean(0) >= free_bits
-    return torch.where(active, kl, torch.full_like(kl, free_bits)).sum(-1)
+    return _floored(kl, kl.mean(0).detach(), free_bits).sum(-1)
+
+
+def _floored(kl, kl_dims, free_bits) -> torch.Tensor:
+    """KL[b, j] under free bits: free_bits where kl_dims[j] < free_bits (torch.clamp's test: False for
+    NaN), KL[b, j] times 1 where kl_dims[j] >= free_bits, times NaN where kl_dims[j] is NaN."""
+    nan_dims = torch.where(torch.isnan(kl_dims), math.nan, 1.0).to(kl.dtype)
+    return torch.where(kl_dims < free_bits, free_bits, kl * nan_dims)
 
 
 def bernoulli_log_prob(logits, x) -> torch.Tensor:

@@ -320,6 +320,40 @@ def test_free_bits_objective_and_gradient(fused):
     assert (mu.grad.cpu()[:, ~under] != 0).any()
 
 
+# ---------------------------------------------------------------------------
+# Edge values found by fuzzing (issue 21): NaN through free bits.
+# ---------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy invalid-value warnings of the Triton interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", ["mu", "logvar", "prior_logvar"])
+def test_free_bits_nan_dimension(fused, dtype, target):
+    """One NaN element makes its dimension's batch-mean KL NaN, and max(free_bits, NaN) is NaN: that
+    dimension is NaN in every row and in the gradient of each of its elements (the floor must not hide it)."""
+    case = free_bits_case(5, 6, "between", "full", generator_for("free_bits_nan", target))
+    case.tensors[target] = case.tensors[target].clone()
+    case.tensors[target][1, 2] = math.nan
+    _, outs, grads = run(case, fused, dtype)
+    assert torch.isnan(outs[0]).all(), outs[0]
+    others = [0, 1, 3, 4, 5]
+    for name, g in zip(case.diff, grads):
+        assert torch.isnan(g[:, 2]).all() and not torch.isnan(g[:, others]).any(), (name, g)
+
+
+def test_loss_free_bits_nan_is_nan(fused):
+    """The reproducer: ELBOLoss(free_bits=0.25) was finite (7.108) where ELBOLoss() is NaN."""
+    gen = generator_for("fb_loss_nan")
+    B, Dx, Dz = 4, 6, 3
+    x, recon = rand((B, Dx), gen, 0, 1).round(), randn((B, Dx), gen)
+    mu, lv = randn((B, Dz), gen), randn((B, Dz), gen, 0.1)
+    mu[1, 2] = math.nan
+    mu = mu.to(fused.device).requires_grad_()
+    args = [t.to(fused.device) for t in (recon, x)]
+    loss = fastelbo.ELBOLoss(free_bits=0.25, backend=fused.name)(*args, mu, lv.to(fused.device))
+    assert torch.isnan(loss), loss
+    (dmu,) = torch.autograd.grad(loss, [mu])
+    assert torch.isnan(dmu[:, 2]).all() and torch.isfinite(dmu[:, :2]).all(), dmu
+
+
 def test_elbo_samples_average_per_sample_elbos(fused):
     """elbo with recon [K, B, Dx] = the mean over k of elbo(recon[k]) (the KL does not depend on k)."""
     gen = generator_for("elbo_avg")

@@ -5,6 +5,8 @@ torch.distributions on ordinary values, and its documented edge cases are pinned
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -84,3 +86,42 @@ def test_kl_extreme_logvar_is_exact(dtype, prior):
 def test_kl_reproducer_logvar_minus_120():
     """The fuzzing reproducer: float32 logvar -120, mu 0 has KL 0.5 * (120 - 1) = 59.5 (was inf)."""
     assert R.gaussian_kl(torch.zeros(1, 1), torch.tensor([[-120.0]])).item() == 59.5
+
+
+# ---------------------------------------------------------------------------
+# Free bits: a dimension whose batch-mean KL is NaN is NaN in every row, value and gradient.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("target", ["mu", "logvar", "prior_logvar"])
+def test_free_bits_nan_dimension(dtype, target):
+    gen = generator_for("ref_free_bits_nan", target)
+    B, Dz, j, lam = 4, 3, 2, 0.25
+    T = {"mu": randn((B, Dz), gen), "logvar": randn((B, Dz), gen, 0.1), "prior_mu": randn((B, Dz), gen, 0.1),
+         "prior_logvar": randn((B, Dz), gen, 0.1)}
+    T = {k: v.to(dtype).requires_grad_() for k, v in T.items()}
+    with torch.no_grad():
+        T[target][1, j] = math.nan
+    kl = R.free_bits_kl(T["mu"], T["logvar"], lam, T["prior_mu"], T["prior_logvar"])
+    assert torch.isnan(kl).all(), f"every row carries the NaN dimension: {kl}"
+    assert torch.isnan(R._ReferenceOps.free_bits_kl(T["mu"], T["logvar"], T["prior_mu"], T["prior_logvar"], lam)[1][j])
+    grads = torch.autograd.grad(kl, list(T.values()), torch.ones(B, dtype=dtype))
+    for (name, t), g in zip(T.items(), grads):
+        assert torch.isnan(g[:, j]).all(), f"d/d{name}[:, {j}] must be NaN in every row: {g[:, j]}"
+        # The other dimensions are those of the inputs without dimension j.
+        others = [i for i in range(Dz) if i != j]
+        rest = {k: v.detach()[:, others].requires_grad_() for k, v in T.items()}
+        want = torch.autograd.grad(R.free_bits_kl(rest["mu"], rest["logvar"], lam, rest["prior_mu"],
+                                                  rest["prior_logvar"]).sum(), [rest[name]])[0]
+        torch.testing.assert_close(g[:, others], want, msg=f"d/d{name} off the NaN dimension")
+
+
+def test_free_bits_floored_and_kept_dimensions():
+    """Below the floor: the floor and no gradient; at or above: the dimension's own KL and gradient."""
+    mu = torch.tensor([[0.1, 2.0], [-0.1, 1.0]], dtype=F64, requires_grad=True)
+    lv = torch.zeros(2, 2, dtype=F64, requires_grad=True)
+    kl_el = 0.5 * mu.detach() ** 2
+    lam = float(kl_el[:, 1].mean())  # dimension 1 exactly at the floor: kept (torch.clamp's max)
+    kl = R.free_bits_kl(mu, lv, lam)
+    torch.testing.assert_close(kl, lam + kl_el[:, 1])
+    (dmu,) = torch.autograd.grad(kl.sum(), [mu])
+    torch.testing.assert_close(dmu, torch.stack([torch.zeros(2, dtype=F64), mu.detach()[:, 1]], 1))
