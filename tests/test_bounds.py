@@ -321,7 +321,8 @@ def test_free_bits_objective_and_gradient(fused):
 
 
 # ---------------------------------------------------------------------------
-# Edge values found by fuzzing (issue 21): NaN through free bits.
+# Edge values found by fuzzing (issue 21): NaN through free bits, a 16-bit free-bits loss whose row KL
+# overflows the dtype.
 # ---------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy invalid-value warnings of the Triton interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -352,6 +353,29 @@ def test_loss_free_bits_nan_is_nan(fused):
     assert torch.isnan(loss), loss
     (dmu,) = torch.autograd.grad(loss, [mu])
     assert torch.isnan(dmu[:, 2]).all() and torch.isfinite(dmu[:, :2]).all(), dmu
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow warnings of the Triton interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_loss_free_bits_row_kl_beyond_float16(fused, dtype, beta, reduction):
+    """logvar about 12: a row KL of about 8 * 0.5 * e^12 = 650,000 nats, beyond float16's 65504. The
+    loss beta * KL - ll is formed in the accumulation dtype and rounded once, as the fused ELBO is: with
+    beta = 0 (the start of KL warm-up) it is -ll (a few nats a row here), not 0 * inf = NaN."""
+    B, Dx, Dz = 3, 4, 8
+    gen = generator_for("fb_beyond_f16", beta, reduction)
+    T = {"x": (rand((B, Dx), gen, 0, 1, dtype=torch.float64) > 0.5).double(), "recon": randn((B, Dx), gen).double(),
+         "mu": randn((B, Dz), gen, 0.5).double(), "logvar": rand((B, Dz), gen, 11.5, 12.5, dtype=torch.float64)}
+
+    def call(api, t):
+        return api.loss(t["recon"], t["x"], t["mu"], t["logvar"], likelihood="bernoulli", beta=beta,
+                        reduction=reduction, free_bits=0.5)
+
+    case = Case(T, tuple(T), call, n_out=((Dx + Dz) * (B if reduction == "mean" else 1),))
+    _, outs, _ = run(case, fused, dtype)
+    if beta == 0.0:
+        assert torch.isfinite(outs[0]).all(), outs[0]
 
 
 def test_elbo_samples_average_per_sample_elbos(fused):
