@@ -87,18 +87,32 @@ struct Math<double> {
 constexpr double kLog2Pi = 1.8378770664093453;
 
 // ---------------------------------------------------------------------------
-// Reparameterized sample, one element:  z = mu + e^(lv/2) * eps
-//   d/dmu = 1,  d/dlv = (z - mu) / 2 = e^(lv/2) * eps / 2,  d/deps = e^(lv/2)
+// Reparameterized sample, one element:  z = mu + s * eps,  s = e^(lv/2)
+//   d/dmu = 1,  d/deps = g * s,  d/dlv = (g * eps) * s / 2
+// K samples share lv: d/dlv = (sum_k g[k] * eps[k]) * s / 2, the sum over k taken
+// BEFORE the scale, as autograd of the reference forms it. Where s overflows to inf
+// the per-sample terms would be +inf and -inf (NaN once summed); the sum keeps the
+// sign that picks the right infinity.
 // ---------------------------------------------------------------------------
 template <class V>
-FASTELBO_HD V reparam(V mu, V lv, V eps) {
-  return mu + Math<V>::exp(V(0.5) * lv) * eps;
+FASTELBO_HD V reparam_scale(V lv) {
+  return Math<V>::exp(V(0.5) * lv);
 }
 
 template <class V>
-FASTELBO_HD void reparam_grad(V g, V lv, V eps, V& dlv, V& deps) {
-  deps = g * Math<V>::exp(V(0.5) * lv);
-  dlv = V(0.5) * deps * eps;
+FASTELBO_HD V reparam(V mu, V lv, V eps) {
+  return mu + reparam_scale(lv) * eps;
+}
+
+template <class V>
+FASTELBO_HD V reparam_eps_grad(V g, V scale) {
+  return g * scale;
+}
+
+// g_eps = sum_k g[k] * eps[k] (g * eps for one sample), scale = reparam_scale(lv).
+template <class V>
+FASTELBO_HD V reparam_lv_grad(V g_eps, V scale) {
+  return g_eps * scale * V(0.5);
 }
 
 // ---------------------------------------------------------------------------

@@ -322,7 +322,7 @@ def test_free_bits_objective_and_gradient(fused):
 
 # ---------------------------------------------------------------------------
 # Edge values found by fuzzing (issue 21): NaN through free bits, a 16-bit free-bits loss whose row KL
-# overflows the dtype.
+# overflows the dtype, K samples' d/dlogvar where e^(lv/2) overflows.
 # ---------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy invalid-value warnings of the Triton interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -376,6 +376,34 @@ def test_loss_free_bits_row_kl_beyond_float16(fused, dtype, beta, reduction):
     _, outs, _ = run(case, fused, dtype)
     if beta == 0.0:
         assert torch.isfinite(outs[0]).all(), outs[0]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow warnings of the Triton interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 2, 5])
+@pytest.mark.parametrize("mode", ["seed", "eps"])
+def test_rsample_samples_overflowing_scale(fused, dtype, K, mode):
+    """e^(lv/2) = inf (logvar 200; 1500 in float64) in every other column: d/dlogvar = (sum_k g[k] eps[k])
+    * inf / 2 is the infinity of the sum's sign, as the reference's autograd forms it, never the NaN of
+    per-sample terms +inf and -inf added up."""
+    case = rsample_k_case(K, 4, 5, mode, generator_for("rsample_inf_scale", K, mode))
+    lv = case.tensors["logvar"].clone()
+    lv[:, ::2] = 1500.0 if dtype == torch.float64 else 200.0
+    case.tensors["logvar"] = lv
+    _, outs, grads = run(case, fused, dtype)
+    dlv = grads[case.diff.index("logvar")]
+    assert torch.isinf(dlv[:, ::2]).all() and torch.isfinite(dlv[:, 1::2]).all(), dlv
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow warnings of the Triton interpreter
+def test_rsample_reproducer_overflowing_scale(fused):
+    """rsample(eps=..., num_samples=2) at logvar 200: d/dlogvar of z.sum() = (1 - 2) * inf / 2 = -inf."""
+    mu = torch.zeros(1, 1, device=fused.device)
+    eps = torch.tensor([[[1.0]], [[-2.0]]], device=fused.device)
+    lv = torch.tensor([[200.0]], device=fused.device, requires_grad=True)
+    z = F.rsample(mu, lv, eps=eps, num_samples=2, backend=fused.name)
+    (g,) = torch.autograd.grad(z.sum(), [lv])
+    assert g.item() == -math.inf, g
 
 
 def test_elbo_samples_average_per_sample_elbos(fused):
