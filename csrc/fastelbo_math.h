@@ -39,9 +39,9 @@ FASTELBO_HD V log1p_unit_series(V t) {
 
 // ---------------------------------------------------------------------------
 // Math<V>: exp, exp_neg_abs (e^-|x|), log, log1p, log1p_unit (t in (0, 1]), inv1p_unit
-// (1 / (1 + t), t in [0, 1]), sqrt, sin, cos, abs, max0 (max(x, 0)) and
-// select_nonneg(x, a, b) = (x >= 0 ? a : b). Scalars here; vectors in
-// csrc/cpu/vec_math.h.
+// (1 / (1 + t), t in [0, 1]), sqrt, sin, cos, abs, max0 (max(x, 0)),
+// select_nonneg(x, a, b) = (x >= 0 ? a : b) and select_zero(x, a, b) = (x == 0 ? a : b).
+// Scalars here; vectors in csrc/cpu/vec_math.h.
 // ---------------------------------------------------------------------------
 template <class V>
 struct Math;
@@ -62,6 +62,7 @@ struct Math<float> {
   static FASTELBO_HD float max0(float x) { return x < 0.0f ? 0.0f : x; }
   static FASTELBO_HD float maximum(float a, float b) { return a < b ? b : a; }
   static FASTELBO_HD float select_nonneg(float x, float a, float b) { return x >= 0.0f ? a : b; }
+  static FASTELBO_HD float select_zero(float x, float a, float b) { return x == 0.0f ? a : b; }
 };
 
 template <>
@@ -79,24 +80,39 @@ struct Math<double> {
   static FASTELBO_HD double max0(double x) { return x < 0.0 ? 0.0 : x; }
   static FASTELBO_HD double maximum(double a, double b) { return a < b ? b : a; }
   static FASTELBO_HD double select_nonneg(double x, double a, double b) { return x >= 0.0 ? a : b; }
+  static FASTELBO_HD double select_zero(double x, double a, double b) { return x == 0.0 ? a : b; }
 };
 
 // log(2*pi), as a double; converted to V where used.
 constexpr double kLog2Pi = 1.8378770664093453;
 
 // ---------------------------------------------------------------------------
-// Reparameterized sample, one element:  z = mu + e^(lv/2) * eps
-//   d/dmu = 1,  d/dlv = (z - mu) / 2 = e^(lv/2) * eps / 2,  d/deps = e^(lv/2)
+// Reparameterized sample, one element:  z = mu + s * eps,  s = e^(lv/2)
+//   d/dmu = 1,  d/deps = g * s,  d/dlv = (g * eps) * s / 2
+// K samples share lv: d/dlv = (sum_k g[k] * eps[k]) * s / 2, the sum over k taken
+// BEFORE the scale, as autograd of the reference forms it. Where s overflows to inf
+// the per-sample terms would be +inf and -inf (NaN once summed); the sum keeps the
+// sign that picks the right infinity.
 // ---------------------------------------------------------------------------
 template <class V>
-FASTELBO_HD V reparam(V mu, V lv, V eps) {
-  return mu + Math<V>::exp(V(0.5) * lv) * eps;
+FASTELBO_HD V reparam_scale(V lv) {
+  return Math<V>::exp(V(0.5) * lv);
 }
 
 template <class V>
-FASTELBO_HD void reparam_grad(V g, V lv, V eps, V& dlv, V& deps) {
-  deps = g * Math<V>::exp(V(0.5) * lv);
-  dlv = V(0.5) * deps * eps;
+FASTELBO_HD V reparam(V mu, V lv, V eps) {
+  return mu + reparam_scale(lv) * eps;
+}
+
+template <class V>
+FASTELBO_HD V reparam_eps_grad(V g, V scale) {
+  return g * scale;
+}
+
+// g_eps = sum_k g[k] * eps[k] (g * eps for one sample), scale = reparam_scale(lv).
+template <class V>
+FASTELBO_HD V reparam_lv_grad(V g_eps, V scale) {
+  return g_eps * scale * V(0.5);
 }
 
 // ---------------------------------------------------------------------------
@@ -137,6 +153,27 @@ FASTELBO_HD void kl_normal_grad(V g, V mu, V lv, V pmu, V plv, V& dmu, V& dlv, V
   dpmu = V(0) - dmu;
   dlv = g * V(0.5) * (var_ratio - V(1));
   dplv = g * V(0.5) * (V(1) - var_ratio - d * d * inv_pvar);
+}
+
+// ---------------------------------------------------------------------------
+// Free bits (Kingma et al. 2016), per latent dimension j of batch-mean KL m_j:
+// every row takes KL[b, j] where m_j >= free_bits and the floor free_bits where
+// m_j < free_bits (no gradient), so that mean_b kl[b] = sum_j max(free_bits, m_j)
+// as torch.clamp(m, min=free_bits) forms it -- NaN where m_j is NaN: such a
+// dimension is NaN in every row, value and gradient (fastelbo.reference.free_bits_kl).
+// The dimension's weight carries the three cases, 1 (kept), 0 (floored) or NaN
+// (scalar: computed once per dimension), and free_bits_select applies it to an
+// element's KL or gradient v: `floored` where the weight is 0 (a select, never
+// 0 * v: an infinite KL of a floored row must not turn into NaN), v * weight else.
+// ---------------------------------------------------------------------------
+template <class A>
+FASTELBO_HD A free_bits_weight(A mean_kl, A free_bits) {
+  return mean_kl < free_bits ? A(0) : (mean_kl >= free_bits ? A(1) : mean_kl);
+}
+
+template <class V>
+FASTELBO_HD V free_bits_select(V weight, V v, V floored) {
+  return Math<V>::select_zero(weight, floored, v * weight);
 }
 
 // ---------------------------------------------------------------------------

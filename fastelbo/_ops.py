@@ -35,9 +35,11 @@ The op-level shape contract (the Python API normalizes to it; kernels check it):
                     upstream gradient of log_weights itself).
   free_bits_kl      mu, logvar [B, Dz] (priors as gaussian_kl). Returns kl [B] (input dtype) and
                     kl_dims [Dz] (accumulation dtype) = batch-mean KL per latent dimension;
-                    kl[b] = sum_j (kl_dims[j] >= free_bits ? KL[b, j] : free_bits), so that
-                    mean_b kl[b] = sum_j max(free_bits, kl_dims[j]) (Kingma et al. 2016).
-                    Backward: dX[b, j] = grad[b] * [kl_dims[j] >= free_bits] * dKL[b, j]/dX.
+                    kl[b] = sum_j (kl_dims[j] < free_bits ? free_bits : KL[b, j]), so that
+                    mean_b kl[b] = sum_j max(free_bits, kl_dims[j]) (Kingma et al. 2016), the max
+                    of torch.clamp: a dimension of NaN kl_dims[j] is NaN in every row.
+                    Backward: dX[b, j] = (kl_dims[j] < free_bits ? 0 : grad[b] * dKL[b, j]/dX),
+                    NaN for every element of a dimension of NaN kl_dims[j].
 """
 
 from __future__ import annotations

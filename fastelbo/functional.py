@@ -89,8 +89,10 @@ def free_bits_kl(mu, logvar, free_bits, prior_mu=None, prior_logvar=None, *, bac
 
     A latent dimension whose batch-mean KL is below `free_bits` nats counts as
     exactly `free_bits` and gets no gradient, so the batch mean of the result is
-    sum_j max(free_bits, mean_b KL[b, j]) (the free-bits objective, with
-    torch.clamp's gradient). free_bits=0 is gaussian_kl. Priors as gaussian_kl.
+    sum_j max(free_bits, mean_b KL[b, j]) (the free-bits objective, as
+    torch.clamp forms it). A dimension whose batch-mean KL is NaN is NaN in
+    every row, and so is the gradient of each of its elements (max(free_bits,
+    NaN) is NaN). free_bits=0 is gaussian_kl. Priors as gaussian_kl.
     """
     v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
     lam = v.free_bits_value(free_bits)

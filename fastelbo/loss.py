@@ -32,8 +32,10 @@ class ELBOLoss(nn.Module):
 
     free_bits=λ > 0 (Kingma et al. 2016): the KL of each latent dimension,
     averaged over the batch, is floored at λ nats (a dimension under the floor
-    gets no KL gradient). KL annealing is the caller's beta (see
-    docs/training.md for a schedule).
+    gets no KL gradient; one whose batch-mean KL is NaN makes the loss and its
+    gradient NaN, as max(λ, NaN) is NaN). The loss is formed in float32 for
+    16-bit inputs and rounded once, like the fused path. KL annealing is the
+    caller's beta (see docs/training.md for a schedule).
     """
 
     def __init__(self, likelihood: str = "bernoulli", beta: float = 1.0, reduction: str = "mean", *,
@@ -59,30 +61,48 @@ class ELBOLoss(nn.Module):
         kw = dict(likelihood=self.likelihood, obs_logvar=self.obs_logvar if obs_logvar is None else obs_logvar,
                   prior_mu=prior_mu, prior_logvar=prior_logvar, backend=self.backend,
                   validate_args=self.validate_args)
-        # The bounds are reduced first and negated after: the same bits as reducing their negation
-        # (in every dtype), one [B] kernel fewer in the forward and the backward.
-        negate = True
         if self.bound == "iwae":
             if z is None:
                 raise ValueError("bound='iwae' needs the samples: forward(recon, x, mu, logvar, z=z) with z "
                                  "[K, B, Dz] from rsample(mu, logvar, num_samples=K) and recon [K, B, Dx] decoded "
                                  "from it")
-            loss = iwae_bound(x, recon, z, mu, logvar, **kw)
+            bound = iwae_bound(x, recon, z, mu, logvar, **kw)
         elif z is not None:
             raise ValueError("z is used by bound='iwae' only (the ELBO's KL is analytic)")
         elif self.free_bits > 0.0:
-            # The log-likelihood from the fused op (beta=0: its KL output is left out of the loss), the
-            # floored KL from the free-bits op: two passes, one over [K?, B, Dx], one over [B, Dz].
-            ll = elbo(x, recon, mu, logvar, beta=0.0, **kw).log_likelihood
-            kl = free_bits_kl(mu, logvar, self.free_bits, prior_mu, prior_logvar, backend=self.backend)
-            loss, negate = self.beta * kl - ll, False
+            loss, out_dtype = self._free_bits_rows(recon, x, mu, logvar, kw)
+            return self._reduce(loss).to(out_dtype)
         else:
-            loss = elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
+            bound = elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
+        # The bounds are reduced first and negated after: the same bits as reducing their negation
+        # (in every dtype), one [B] kernel fewer in the forward and the backward.
+        return -self._reduce(bound)
+
+    def _free_bits_rows(self, recon, x, mu, logvar, kw):
+        """(beta * floored KL - log-likelihood per row in the accumulation dtype, the output dtype).
+
+        The log-likelihood from the fused op (beta=0: its KL output is left out of the loss), the
+        floored KL from the free-bits op: two passes, one over [K?, B, Dx], one over [B, Dz]. They
+        are combined in the accumulation dtype (float32 for 16-bit inputs, float64 for float64) and
+        rounded once after the reduction, as the fused op rounds ll - beta * KL once: a float16 row
+        KL may exceed 65504 where the loss does not (beta = 0 at the start of KL warm-up). beta * KL
+        is a product even for beta = 0, as in the fused op and the reference (0 * inf is NaN).
+        """
+        # The elbo call validates every argument before anything is cast below.
+        ll = elbo(x, recon, mu, logvar, beta=0.0, **kw).log_likelihood
+        acc = torch.float64 if ll.dtype == torch.float64 else torch.float32
+        # The free-bits kernels compute in the accumulation dtype anyway: on upcast inputs their
+        # rows come back unrounded (and the gradients are rounded once, by the casts' backward).
+        up = [t.to(acc) if isinstance(t, torch.Tensor) else t for t in (mu, logvar, kw["prior_mu"], kw["prior_logvar"])]
+        kl = free_bits_kl(up[0], up[1], self.free_bits, up[2], up[3], backend=self.backend)
+        return self.beta * kl - ll.to(acc), ll.dtype
+
+    def _reduce(self, loss):
         if self.reduction == "mean":
-            loss = loss.mean()
-        elif self.reduction == "sum":
-            loss = loss.sum()
-        return -loss if negate else loss
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
 
     def extra_repr(self) -> str:
         extra = f", bound={self.bound!r}" if self.bound != "elbo" else ""

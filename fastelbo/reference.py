@@ -16,7 +16,7 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.distributions import Bernoulli, Normal, kl_divergence
+from torch.distributions import Bernoulli, Normal
 
 from . import _philox
 from ._seed import seed_tensor
@@ -60,18 +60,37 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
     return q.loc + eps * q.scale
 
 
-def _prior_normal(prior_mu, prior_logvar, like) -> Normal:
-    """p(z): N(prior_mu, e^prior_logvar), a missing half standard (mean 0, log-variance 0)."""
+def _prior_params(prior_mu, prior_logvar, like) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, log-variance) of p(z) = N(prior_mu, e^prior_logvar) as tensors of like's shape and dtype,
+    a missing half standard (mean 0, log-variance 0)."""
     pmu = torch.zeros_like(like) if prior_mu is None else torch.as_tensor(prior_mu, dtype=like.dtype, device=like.device)
     plv = (torch.zeros_like(like) if prior_logvar is None
            else torch.as_tensor(prior_logvar, dtype=like.dtype, device=like.device))
-    return Normal(pmu.expand_as(like), _std(plv).expand_as(like), validate_args=False)
+    return pmu.expand_as(like), plv.expand_as(like)
+
+
+def _prior_normal(prior_mu, prior_logvar, like) -> Normal:
+    """p(z): N(prior_mu, e^prior_logvar), a missing half standard (mean 0, log-variance 0)."""
+    pmu, plv = _prior_params(prior_mu, prior_logvar, like)
+    return Normal(pmu, _std(plv), validate_args=False)
 
 
 def _kl_elements(mu, logvar, prior_mu, prior_logvar) -> torch.Tensor:
-    """KL(q || p) per latent element, [B, Dz]."""
-    q = Normal(mu, _std(logvar), validate_args=False)
-    return kl_divergence(q, _prior_normal(prior_mu, prior_logvar, mu))
+    """KL(q || p) per latent element, [B, Dz]: torch.distributions' kl_divergence(Normal, Normal),
+    0.5 * (var_ratio + t1 - 1 - log var_ratio), with the variance ratio taken from the log-variances.
+
+    kl_divergence forms var_ratio = (e^(lv/2) / e^(plv/2))^2 and then its log: the square underflows
+    to 0 (KL inf) for a float32 logvar below about -104 and overflows to inf (KL inf - inf = NaN)
+    above about 88, where the KL is finite, resp. +inf. Here var_ratio = e^(lv - plv) and
+    log var_ratio = lv - plv exactly: the KL is right to rounding for very negative log-variances
+    and +inf for very positive ones, in every dtype, as in the kernels (which also say inf where
+    e^(lv - plv) overflows but half of it would not). t1 is kl_divergence's own.
+    tests/test_reference.py holds this form to kl_divergence on ordinary values.
+    """
+    pmu, plv = _prior_params(prior_mu, prior_logvar, mu)
+    log_ratio = logvar - plv
+    t1 = ((mu - pmu) / _std(plv)).pow(2)
+    return 0.5 * (torch.exp(log_ratio) + t1 - 1 - log_ratio)
 
 
 def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None) -> torch.Tensor:
@@ -82,10 +101,21 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None) -> torch.Tensor:
 def free_bits_kl(mu, logvar, free_bits, prior_mu=None, prior_logvar=None) -> torch.Tensor:
     """KL per row with free bits (Kingma et al. 2016): dimensions whose batch-mean KL is below
     `free_bits` nats count as exactly `free_bits` (no gradient), so that the batch mean of the
-    result is sum_j max(free_bits, mean_b KL[b, j]) -- torch.clamp's rule, gradient included."""
+    result is sum_j torch.clamp(mean_b KL[b, j], min=free_bits).
+
+    A dimension whose batch-mean KL is NaN is NaN under the clamp (max(free_bits, NaN) is NaN):
+    it is NaN in every row, and so is the gradient of each of its elements (mu, logvar and the
+    priors), whichever row the NaN came from. (torch.clamp's own autograd would pass 0 there, a
+    silent zero gradient under a NaN loss; free bits keep the NaN visible instead.)"""
     kl = _kl_elements(mu, logvar, prior_mu, prior_logvar)
-    active = kl.mean(0) >= free_bits
-    return torch.where(active, kl, torch.full_like(kl, free_bits)).sum(-1)
+    return _floored(kl, kl.mean(0).detach(), free_bits).sum(-1)
+
+
+def _floored(kl, kl_dims, free_bits) -> torch.Tensor:
+    """KL[b, j] under free bits: free_bits where kl_dims[j] < free_bits (torch.clamp's test: False for
+    NaN), KL[b, j] times 1 where kl_dims[j] >= free_bits, times NaN where kl_dims[j] is NaN."""
+    nan_dims = torch.where(torch.isnan(kl_dims), math.nan, 1.0).to(kl.dtype)
+    return torch.where(kl_dims < free_bits, free_bits, kl * nan_dims)
 
 
 def bernoulli_log_prob(logits, x) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Free bits (Kingma et al. 2016), Triton; reference: fastelbo.reference.free_bits_kl:
     kl_dims[j] = (1/B) sum_b KL[b, j]                        (KL[b, j]: _tiles.kl_element, as gaussian_kl)
-    kl[b]      = sum_j (kl_dims[j] >= free_bits ? KL[b, j] : free_bits)
-so that mean_b kl[b] = sum_j max(free_bits, kl_dims[j]).
+    kl[b]      = sum_j (kl_dims[j] < free_bits ? free_bits : KL[b, j])
+so that mean_b kl[b] = sum_j max(free_bits, kl_dims[j]) as torch.clamp forms it: a dimension of
+NaN kl_dims is NaN in every row, value and gradient (_dim_weight: 1 kept, 0 floored, NaN).
 forward   two passes over [B, Dz]: the column sums (grid (slots) x Dz chunks, per-slot partials
           [slots, Dz] in the accumulation type, then one sum), then the rows (tiles of [ROWS, BLOCK]).
-backward  dX[b, j] = grad[b] * [kl_dims[j] >= free_bits] * dKL[b, j]/dX   (kernels/kl.py kl_grad_tile,
-          the upstream gradient masked per column).
+backward  dX[b, j] = (kl_dims[j] < free_bits ? 0 : grad[b] * dKL[b, j]/dX)   (kernels/kl.py kl_grad_tile,
+          the upstream gradient weighted per column).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from .kl import check_kl_args, kl_grad_tile, kl_operands, launch_kl_grads
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
+@triton.jit
+def _dim_weight(kd_ptr, cols, col_mask, fb, FP64: tl.constexpr):
+    """The weight of dimensions `cols` under the floor fb (fastelbo_math.h free_bits_weight): 1 where
+    kl_dims >= fb (kept), 0 where kl_dims < fb (floored), NaN where kl_dims is NaN."""
+    kd = T.acc(tl.load(kd_ptr + cols, mask=col_mask, other=0.0), FP64)
+    return tl.where(kd < fb, 0.0, tl.where(kd >= fb, 1.0, kd))
+
+
 @triton.jit
 def _free_bits_cols_kernel(
     mu_ptr, lv_ptr,  # [B, D] posterior, strides (s_m0, s_m1), (s_l0, s_l1)
@@ -65,10 +74,11 @@ def _free_bits_fwd_kernel(
         cols = j0 + tl.arange(0, BLOCK)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        active = T.acc(tl.load(kd_ptr + cols, mask=col_mask, other=0.0), FP64) >= fb
+        w = _dim_weight(kd_ptr, cols, col_mask, fb, FP64)[None, :]
         mu, lv, pmu, plv = T.load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols, s_m0, s_m1, s_l0, s_l1,
                                                   s_pm0, s_pm1, s_pl0, s_pl1, mask, HAS_PRIOR, FP64)
-        term = tl.where(active[None, :], T.kl_element(mu, lv, pmu, plv, HAS_PRIOR), fb[None, :])
+        # A select, never 0 * KL: an infinite KL of a floored row must not turn into NaN.
+        term = tl.where(w == 0.0, fb[None, :], T.kl_element(mu, lv, pmu, plv, HAS_PRIOR) * w)
         total += tl.where(mask, term, 0.0)
     tl.store(kl_ptr + rows, tl.sum(total, axis=1).to(kl_ptr.dtype.element_ty), mask=row_mask)
 
@@ -96,8 +106,8 @@ def _free_bits_bwd_kernel(
         cols = j0 + tl.arange(0, BLOCK)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        active = T.acc(tl.load(kd_ptr + cols, mask=col_mask, other=0.0), FP64) >= fb
-        gg = tl.where(active[None, :], g[:, None], 0.0)  # a floored dimension passes no gradient
+        w = _dim_weight(kd_ptr, cols, col_mask, fb, FP64)[None, :]
+        gg = tl.where(w == 0.0, 0.0, g[:, None] * w)  # a floored dimension passes no gradient, a NaN one NaN
         kl_grad_tile(gg, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr, rows, cols, mask, D,
                      s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1, HAS_PRIOR, WANT_MU, WANT_LV, WANT_PMU,
                      WANT_PLV, FP64)

@@ -1,14 +1,14 @@
 """Reparameterized sample (DESIGN §1 row 1, noise per §2), Triton:
     forward   z[k] = mu + e^(lv/2) * eps[k]                  (fastelbo_math.h reparam)
-    backward  deps[k] = g[k] * e^(lv/2), dlv = sum_k deps[k] * eps[k] / 2
-                                                             (reparam_grad; dmu = sum_k g[k] needs no kernel)
+    backward  deps[k] = g[k] * e^(lv/2), dlv = (sum_k g[k] * eps[k]) * e^(lv/2) / 2
+                                                             (reparam_*_grad; dmu = sum_k g[k] needs no kernel)
 z is [B, D] (num_samples = 0) or [K, B, D] (num_samples = K). eps is Philox4x32-10 of
 (seed, n // 4), lane n % 4, for logical element n = (k * B + b) * D + j of the row-major
 [K, B, D] tensor (K = 1 gives the [B, D] stream), regenerated in the backward: nothing
 [K, B, D] is saved. Both kernels are flat: the forward takes BLOCK consecutive logical
 elements of [K, B, D] per program (a multiple of 4, so every counter group lies in one
 program); the backward takes BLOCK elements of [B, D] and loops over the K samples,
-summing dlv in registers (sample k's elements start at k * B * D, aligned to a counter
+summing g * eps in registers (sample k's elements start at k * B * D, aligned to a counter
 group only when B * D % 4 == 0: _tiles.normals_at).
 """
 
@@ -109,24 +109,25 @@ def _rsample_bwd_kernel(
     off_g = _element_offsets(m, start, D, s_g0, s_g1, DENSE)
     lv = T.acc(tl.load(lv_ptr + _element_offsets(m, start, D, s_l0, s_l1, DENSE), mask=mask, other=0.0), FP64)
     std = tl.exp(0.5 * lv)
-    dlv = T.acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)
+    g_eps = T.acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)  # sum_k g[k] * eps[k]
     if HAS_EPS:
         off_e = _element_offsets(m, start, D, s_e0, s_e1, DENSE)
     else:
         seed = tl.load(seed_ptr)
     for k in range(K):
         kk = tl.full([], k, tl.int64)
-        deps = T.acc(tl.load(g_ptr + kk * s_gk + off_g, mask=mask, other=0.0), FP64) * std
+        g = T.acc(tl.load(g_ptr + kk * s_gk + off_g, mask=mask, other=0.0), FP64)
         if WANT_DEPS:
-            tl.store(deps_ptr + kk * M + m, deps.to(deps_ptr.dtype.element_ty), mask=mask)
+            tl.store(deps_ptr + kk * M + m, (g * std).to(deps_ptr.dtype.element_ty), mask=mask)
         if WANT_DLV:
             if HAS_EPS:
                 eps = T.acc(tl.load(eps_ptr + kk * s_ek + off_e, mask=mask, other=0.0), FP64)
             else:
                 eps = T.normals_at(seed, kk * M + start, BLOCK // 4, FP64)
-            dlv += 0.5 * deps * eps
+            g_eps += g * eps
     if WANT_DLV:
-        tl.store(dlv_ptr + m, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+        # The sum over k before the scale (fastelbo_math.h reparam_lv_grad): right where std is inf.
+        tl.store(dlv_ptr + m, (g_eps * std * 0.5).to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
 _rsample_fwd_tuned = T.flat_autotune(_rsample_fwd_kernel, key=["N", "D"], size="N")

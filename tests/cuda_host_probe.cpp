@@ -44,10 +44,9 @@ void formula(const std::string& name, const std::vector<V>& a) {
   if (name == "reparam") {
     put(reparam(a[0], a[1], a[2]));
   } else if (name == "reparam_grad") {
-    V dlv, deps;
-    reparam_grad(a[0], a[1], a[2], dlv, deps);
-    put(dlv);
-    put(deps);
+    const V scale = reparam_scale(a[1]);  // one sample: g * eps is the sum over k
+    put(reparam_lv_grad(a[0] * a[2], scale));
+    put(reparam_eps_grad(a[0], scale));
   } else if (name == "kl_std") {
     put(kl_std(a[0], a[1]));
   } else if (name == "kl_std_grad") {

@@ -228,6 +228,28 @@ def test_extreme_values(fused, dtype, op):
             assert torch.isfinite(o).all(), f"output {k} of {op} has non-finite values: {o}"
 
 
+# Log-variances beyond the range of the scale e^(lv/2) and of its square, which torch.distributions'
+# kl_divergence forms (float32: below about -104 the square underflows and its KL is inf): the KL is
+# finite, about -lv/2, and d/dlogvar -1/2, on every backend and in the reference. (Row sums stay
+# within float16's range.)
+KL_LOGVARS_BEYOND = {
+    torch.float32: [-300.0, -120.0, -104.5, -90.0, 0.5, -1.5],
+    torch.float64: [-1500.0, -800.0, -746.0, -120.0, 0.5],
+    torch.float16: [-20000.0, -120.0, -20.0, 0.5],
+    torch.bfloat16: [-10000.0, -200.0, -120.0, 0.5],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prior", ["none", "full"])
+def test_kl_logvar_beyond_the_scale_range(fused, dtype, prior):
+    case = kl_case(6, 5, prior, generator_for("kl_beyond", prior))
+    case.tensors["logvar"] = _extreme((6, 5), generator_for("kl_beyond_values", prior), KL_LOGVARS_BEYOND[dtype])
+    _, outs, grads = run(case, fused, dtype)
+    assert torch.isfinite(outs[0]).all(), outs[0]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 # ---------------------------------------------------------------------------
 # NaN / inf: propagate exactly as in the reference, never silently become numbers.
 # ---------------------------------------------------------------------------

@@ -320,6 +320,92 @@ def test_free_bits_objective_and_gradient(fused):
     assert (mu.grad.cpu()[:, ~under] != 0).any()
 
 
+# ---------------------------------------------------------------------------
+# Edge values found by fuzzing (issue 21): NaN through free bits, a 16-bit free-bits loss whose row KL
+# overflows the dtype, K samples' d/dlogvar where e^(lv/2) overflows.
+# ---------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy invalid-value warnings of the Triton interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", ["mu", "logvar", "prior_logvar"])
+def test_free_bits_nan_dimension(fused, dtype, target):
+    """One NaN element makes its dimension's batch-mean KL NaN, and max(free_bits, NaN) is NaN: that
+    dimension is NaN in every row and in the gradient of each of its elements (the floor must not hide it)."""
+    case = free_bits_case(5, 6, "between", "full", generator_for("free_bits_nan", target))
+    case.tensors[target] = case.tensors[target].clone()
+    case.tensors[target][1, 2] = math.nan
+    _, outs, grads = run(case, fused, dtype)
+    assert torch.isnan(outs[0]).all(), outs[0]
+    others = [0, 1, 3, 4, 5]
+    for name, g in zip(case.diff, grads):
+        assert torch.isnan(g[:, 2]).all() and not torch.isnan(g[:, others]).any(), (name, g)
+
+
+def test_loss_free_bits_nan_is_nan(fused):
+    """The reproducer: ELBOLoss(free_bits=0.25) was finite (7.108) where ELBOLoss() is NaN."""
+    gen = generator_for("fb_loss_nan")
+    B, Dx, Dz = 4, 6, 3
+    x, recon = rand((B, Dx), gen, 0, 1).round(), randn((B, Dx), gen)
+    mu, lv = randn((B, Dz), gen), randn((B, Dz), gen, 0.1)
+    mu[1, 2] = math.nan
+    mu = mu.to(fused.device).requires_grad_()
+    args = [t.to(fused.device) for t in (recon, x)]
+    loss = fastelbo.ELBOLoss(free_bits=0.25, backend=fused.name)(*args, mu, lv.to(fused.device))
+    assert torch.isnan(loss), loss
+    (dmu,) = torch.autograd.grad(loss, [mu])
+    assert torch.isnan(dmu[:, 2]).all() and torch.isfinite(dmu[:, :2]).all(), dmu
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow warnings of the Triton interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_loss_free_bits_row_kl_beyond_float16(fused, dtype, beta, reduction):
+    """logvar about 12: a row KL of about 8 * 0.5 * e^12 = 650,000 nats, beyond float16's 65504. The
+    loss beta * KL - ll is formed in the accumulation dtype and rounded once, as the fused ELBO is: with
+    beta = 0 (the start of KL warm-up) it is -ll (a few nats a row here), not 0 * inf = NaN."""
+    B, Dx, Dz = 3, 4, 8
+    gen = generator_for("fb_beyond_f16", beta, reduction)
+    T = {"x": (rand((B, Dx), gen, 0, 1, dtype=torch.float64) > 0.5).double(), "recon": randn((B, Dx), gen).double(),
+         "mu": randn((B, Dz), gen, 0.5).double(), "logvar": rand((B, Dz), gen, 11.5, 12.5, dtype=torch.float64)}
+
+    def call(api, t):
+        return api.loss(t["recon"], t["x"], t["mu"], t["logvar"], likelihood="bernoulli", beta=beta,
+                        reduction=reduction, free_bits=0.5)
+
+    case = Case(T, tuple(T), call, n_out=((Dx + Dz) * (B if reduction == "mean" else 1),))
+    _, outs, _ = run(case, fused, dtype)
+    if beta == 0.0:
+        assert torch.isfinite(outs[0]).all(), outs[0]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow warnings of the Triton interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 2, 5])
+@pytest.mark.parametrize("mode", ["seed", "eps"])
+def test_rsample_samples_overflowing_scale(fused, dtype, K, mode):
+    """e^(lv/2) = inf (logvar 200; 1500 in float64) in every other column: d/dlogvar = (sum_k g[k] eps[k])
+    * inf / 2 is the infinity of the sum's sign, as the reference's autograd forms it, never the NaN of
+    per-sample terms +inf and -inf added up."""
+    case = rsample_k_case(K, 4, 5, mode, generator_for("rsample_inf_scale", K, mode))
+    lv = case.tensors["logvar"].clone()
+    lv[:, ::2] = 1500.0 if dtype == torch.float64 else 200.0
+    case.tensors["logvar"] = lv
+    _, outs, grads = run(case, fused, dtype)
+    dlv = grads[case.diff.index("logvar")]
+    assert torch.isinf(dlv[:, ::2]).all() and torch.isfinite(dlv[:, 1::2]).all(), dlv
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow warnings of the Triton interpreter
+def test_rsample_reproducer_overflowing_scale(fused):
+    """rsample(eps=..., num_samples=2) at logvar 200: d/dlogvar of z.sum() = (1 - 2) * inf / 2 = -inf."""
+    mu = torch.zeros(1, 1, device=fused.device)
+    eps = torch.tensor([[[1.0]], [[-2.0]]], device=fused.device)
+    lv = torch.tensor([[200.0]], device=fused.device, requires_grad=True)
+    z = F.rsample(mu, lv, eps=eps, num_samples=2, backend=fused.name)
+    (g,) = torch.autograd.grad(z.sum(), [lv])
+    assert g.item() == -math.inf, g
+
+
 def test_elbo_samples_average_per_sample_elbos(fused):
     """elbo with recon [K, B, Dx] = the mean over k of elbo(recon[k]) (the KL does not depend on k)."""
     gen = generator_for("elbo_avg")

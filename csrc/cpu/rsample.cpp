@@ -1,8 +1,9 @@
 // Reparameterized sample on the CPU (DESIGN §1 row 1, noise per §2):
 //   forward   z = mu + e^(lv/2) * eps
-//   backward  dlv = g * e^(lv/2) * eps / 2, deps = g * e^(lv/2)  (dmu = g needs no kernel)
+//   backward  dlv = (g * eps) * e^(lv/2) / 2, deps = g * e^(lv/2)  (dmu = g needs no kernel)
 // num_samples = K >= 1: z [K, B, Dz], eps of logical element (k * B + b) * Dz + j;
-// the backward sums dlv over k inside each chunk's task.
+// the backward sums g * eps over k inside each chunk's task, then scales once
+// (fastelbo_math.h reparam_lv_grad: the reference's order, right where e^(lv/2) is inf).
 // eps is regenerated from the seed in the backward: nothing [B, Dz] is saved.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -157,7 +158,7 @@ at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at:
   return z;
 }
 
-// grad_z [B, Dz] or [K, B, Dz]: dlv = sum_k g[k] * e^(lv/2) * eps[k] / 2 (k loop inside
+// grad_z [B, Dz] or [K, B, Dz]: dlv = (sum_k g[k] * eps[k]) * e^(lv/2) / 2 (k loop inside
 // the chunk's task, summed in the accumulation type), deps[k] = g[k] * e^(lv/2).
 std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z, const at::Tensor& logvar,
                                                         const at::Tensor& seed, const std::optional<at::Tensor>& eps,
@@ -177,21 +178,31 @@ std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z
     const auto g = operand_in<scalar_t>(grad_z, span), lv = operand_in<scalar_t>(logvar, span);
     const auto e = noise<scalar_t>(eps, seed, span);
     parallel_chunks(span, 1, [&](int64_t i, int64_t j, int64_t n) {
-      alignas(64) A s_g[kChunk], s_lv[kChunk], s_eps[kChunk], s_dlv[kChunk], s_deps[kChunk];
+      alignas(64) A s_g[kChunk], s_lv[kChunk], s_eps[kChunk], s_scale[kChunk], s_geps[kChunk], s_deps[kChunk];
       const A* pl = lv.base.chunk(i, j, n, s_lv);
+      for (int64_t q = 0; q < n; q += Vec::size()) {
+        const int64_t w = std::min<int64_t>(Vec::size(), n - q);
+        reparam_scale(Vec::loadu(pl + q, w)).store(s_scale + q, w);
+      }
       for (int64_t k = 0; k < K; ++k) {
         const A* pg = g.sample(k).chunk(i, j, n, s_g);
         const A* pe = e.chunk(k, i, j, n, s_eps);
         for (int64_t q = 0; q < n; q += Vec::size()) {
           const int64_t w = std::min<int64_t>(Vec::size(), n - q);
-          Vec vdlv, vdeps;
-          reparam_grad(Vec::loadu(pg + q, w), Vec::loadu(pl + q, w), Vec::loadu(pe + q, w), vdlv, vdeps);
-          (k == 0 ? vdlv : Vec::loadu(s_dlv + q, w) + vdlv).store(s_dlv + q, w);
-          vdeps.store(s_deps + q, w);
+          const Vec vg = Vec::loadu(pg + q, w);
+          const Vec geps = vg * Vec::loadu(pe + q, w);
+          (k == 0 ? geps : Vec::loadu(s_geps + q, w) + geps).store(s_geps + q, w);
+          reparam_eps_grad(vg, Vec::loadu(s_scale + q, w)).store(s_deps + q, w);
         }
         if (output_mask[1]) store_chunk(deps.data_ptr<scalar_t>() + (k * span.rows + i) * span.cols, j, n, s_deps);
       }
-      if (output_mask[0]) store_chunk(dlv.data_ptr<scalar_t>() + i * span.cols, j, n, s_dlv);
+      if (output_mask[0]) {
+        for (int64_t q = 0; q < n; q += Vec::size()) {
+          const int64_t w = std::min<int64_t>(Vec::size(), n - q);
+          reparam_lv_grad(Vec::loadu(s_geps + q, w), Vec::loadu(s_scale + q, w)).store(s_geps + q, w);
+        }
+        store_chunk(dlv.data_ptr<scalar_t>() + i * span.cols, j, n, s_geps);
+      }
     });
   });
   return {dlv, deps};

@@ -162,6 +162,7 @@ struct Math<at::vec::Vectorized<T>> {
     return V::blendv(hi, x, x > hi);
   }
   static V select_nonneg(const V& x, const V& a, const V& b) { return V::blendv(b, a, x >= V(T(0))); }
+  static V select_zero(const V& x, const V& a, const V& b) { return V::blendv(b, a, x == V(T(0))); }
 };
 
 // Non-temporal (streaming) stores of whole float32 vectors to vector-aligned

@@ -1,8 +1,9 @@
 // KL with free bits on the GPU (Kingma et al. 2016), q = N(mu, e^lv), p = N(0, I)
 // or N(pmu, e^plv), KL[b, j] the per-element KL of gaussian_kl:
 //   kl_dims[j] = (1/B) sum_b KL[b, j]                         (NaN for B = 0, as torch.mean)
-//   kl[b]      = sum_j (kl_dims[j] >= free_bits ? KL[b, j] : free_bits)
-//   backward   dX[b, j] = [kl_dims[j] >= free_bits] * g[b] * dKL[b, j]/dX
+//   kl[b]      = sum_j (kl_dims[j] < free_bits ? free_bits : KL[b, j])
+//   backward   dX[b, j] = (kl_dims[j] < free_bits ? 0 : g[b] * dKL[b, j]/dX)
+// (a dimension of NaN kl_dims: NaN in every row, value and gradient; terms.h DimWeights)
 // Forward: two passes over [B, Dz]: col_map_kernel over KLColumnJob (per-block
 // column partials, then the finalize pass writes kl_dims), then reduce_kernel
 // over FreeBitsTerm (the rows, reading kl_dims). Backward: map_kernel over
@@ -22,7 +23,7 @@ void forward(const KLElems<T, kPrior>& kl, int64_t rows, int64_t cols, double fr
   launch_col_map<T>(col, col_shape(rows, cols, N, num_sms), workspace, static_cast<A*>(kl_dims), 1,
                     static_cast<A>(rows), stream);
   if (rows == 0) return;
-  const FreeBitsTerm<T, kPrior> term{cols, kl, ActiveDims<T>{static_cast<const A*>(kl_dims), 1, static_cast<A>(free_bits)}};
+  const FreeBitsTerm<T, kPrior> term{cols, kl, DimWeights<T>{static_cast<const A*>(kl_dims), 1, static_cast<A>(free_bits)}};
   launch_reduce<T>(term, NoTerm<T>{}, StoreSum<T>{static_cast<T*>(kl_out)}, reduce_shape(rows, cols, 0, N, num_sms),
                    workspace, stream);
 }
@@ -62,16 +63,16 @@ void free_bits_kl_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad,
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const ActiveDims<T> active{static_cast<const A*>(kl_dims), kl_dims_stride, static_cast<A>(free_bits)};
+    const DimWeights<T> weight{static_cast<const A*>(kl_dims), kl_dims_stride, static_cast<A>(free_bits)};
     if (prior_mu.data) {
       const FreeBitsGrad<T, true> job{rows,           cols,           row_grad<T>(grad),      mat<T>(mu),
-                                      mat<T>(logvar), mat<T>(prior_mu), mat<T>(prior_logvar), active,
+                                      mat<T>(logvar), mat<T>(prior_mu), mat<T>(prior_logvar), weight,
                                       out<T>(dmu, cols), out<T>(dlogvar, cols), out<T>(dprior_mu, cols),
                                       out<T>(dprior_logvar, cols)};
       launch_map(job, kChunkElems<T>, num_sms, stream);
     } else {
       const FreeBitsGrad<T, false> job{rows,           cols,     row_grad<T>(grad), mat<T>(mu), mat<T>(logvar),
-                                       Mat<T>{},       Mat<T>{}, active,            out<T>(dmu, cols),
+                                       Mat<T>{},       Mat<T>{}, weight,            out<T>(dmu, cols),
                                        out<T>(dlogvar, cols), Out<T>{nullptr, false}, Out<T>{nullptr, false}};
       launch_map(job, kChunkElems<T>, num_sms, stream);
     }

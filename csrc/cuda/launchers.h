@@ -137,14 +137,16 @@ void iwae_backward(DType dtype, const IwaeArgs& args, MatArg z, MatArg grad_log_
 
 // --- free bits (free_bits.cu) ------------------------------------------------------
 // kl_dims[j] = mean_i KL[i, j] (contiguous [cols], accumulation type; NaN for rows = 0),
-// kl[i] = sum_j (kl_dims[j] >= free_bits ? KL[i, j] : free_bits) ([rows], dtype).
+// kl[i] = sum_j (kl_dims[j] < free_bits ? free_bits : KL[i, j]) ([rows], dtype; a NaN kl_dims[j]
+// makes dimension j NaN in every row).
 size_t free_bits_kl_workspace_bytes(DType dtype, int64_t rows, int64_t cols, int num_sms);
 
 void free_bits_kl_forward(DType dtype, int64_t rows, int64_t cols, MatArg mu, MatArg logvar, MatArg prior_mu,
                           MatArg prior_logvar, double free_bits, void* kl, void* kl_dims, void* workspace,
                           int num_sms, cudaStream_t stream);
 
-// kl_dims: [cols] accumulation type, stride kl_dims_stride. dX = [kl_dims >= free_bits] * grad * dKL/dX.
+// kl_dims: [cols] accumulation type, stride kl_dims_stride. dX = (kl_dims < free_bits ? 0 : grad * dKL/dX),
+// NaN for a NaN kl_dims.
 void free_bits_kl_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad, const void* kl_dims,
                            int64_t kl_dims_stride, MatArg mu, MatArg logvar, MatArg prior_mu, MatArg prior_logvar,
                            double free_bits, void* dmu, void* dlogvar, void* dprior_mu, void* dprior_logvar,

@@ -1,9 +1,9 @@
 // Reparameterized sample on the GPU (DESIGN §1 row 1, noise per §2), K >= 1 samples:
 //   forward   z[k] = mu + e^(lv/2) * eps[k]
-//   backward  dlv = sum_k g[k] * e^(lv/2) * eps[k] / 2, deps[k] = g[k] * e^(lv/2)
-//             (dmu = sum_k g[k] needs no kernel)
+//   backward  dlv = (sum_k g[k] * eps[k]) * e^(lv/2) / 2, deps[k] = g[k] * e^(lv/2)
+//             (dmu = sum_k g[k] needs no kernel; the sum before the scale: fastelbo_math.h)
 // Both are map_kernel jobs over the [B, Dz] chunks of mu, each looping over the
-// samples (mu and lv read once; dlv summed in registers). eps is the caller's
+// samples (mu and lv read once; g * eps summed in registers). eps is the caller's
 // tensor or the Philox normals of logical elements (k * B + i) * Dz + j,
 // regenerated in the backward (nothing [K, B, Dz] is saved). The seed is read
 // from device memory by every thread (cached).
@@ -53,23 +53,26 @@ struct RsampleGradJob {
   FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
-    A g[N], l[N], e[N], sl[N];
-    load_chunk(lv, i, j, n, l);
+    A g[N], s[N], e[N], ge[N];
+    load_chunk(lv, i, j, n, s);
 #pragma unroll
-    for (int q = 0; q < N; ++q) sl[q] = A(0);
+    for (int q = 0; q < N; ++q) {
+      s[q] = reparam_scale(s[q]);
+      ge[q] = A(0);
+    }
     for (int64_t k = 0; k < samples; ++k) {
       load_chunk(grad_z.sample(k), i, j, n, g);
       eps_chunk(eps, seed, rows, cols, k, i, j, n, e);
 #pragma unroll
       for (int q = 0; q < N; ++q) {
-        A a, b;
-        reparam_grad(g[q], l[q], e[q], a, b);
-        sl[q] += a;
-        e[q] = b;
+        ge[q] += g[q] * e[q];
+        e[q] = reparam_eps_grad(g[q], s[q]);
       }
       if (deps.p) store_chunk(deps.at(k * rows + i, j, cols), n, deps.vec, e);
     }
-    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, sl);
+#pragma unroll
+    for (int q = 0; q < N; ++q) ge[q] = reparam_lv_grad(ge[q], s[q]);
+    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, ge);
   }
 };
 

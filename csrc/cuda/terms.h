@@ -179,11 +179,12 @@ struct KLNormalGrad {
 
 // ---------------------------------------------------------------------------
 // Free bits (Kingma et al. 2016): KL[b, j] of dimensions whose batch mean
-// kl_dims[j] is below the floor counts as the floor, with no gradient.
+// kl_dims[j] is below the floor counts as the floor, with no gradient; a
+// dimension of NaN kl_dims is NaN in every row, value and gradient
+// (fastelbo_math.h free_bits_weight / free_bits_select, w[j] its weight).
 //   pass 1  kl_dims[j] = (1/B) sum_b KL[b, j]       KLColumnJob (col_map_kernel)
-//   pass 2  kl[b] = sum_j (kl_dims[j] >= fb ? KL[b, j] : fb)   FreeBitsTerm (reduce_kernel)
-//   backward  dX[b, j] = [kl_dims[j] >= fb] * g[b] * dKL[b, j]/dX   FreeBitsGrad (map_kernel)
-// (NaN kl_dims: inactive, as the reference's comparison.)
+//   pass 2  kl[b] = sum_j free_bits_select(w[j], KL[b, j], fb)   FreeBitsTerm (reduce_kernel)
+//   backward  dX[b, j] = free_bits_select(w[j], g[b] * dKL[b, j]/dX, 0)   FreeBitsGrad (map_kernel)
 // ---------------------------------------------------------------------------
 template <class T, bool kPrior>
 struct KLElems {
@@ -203,13 +204,13 @@ struct KLElems {
   }
 };
 
-// The per-dimension floor mask: kl_dims [cols] (accumulation type, any stride).
+// The per-dimension weights of the floor: kl_dims [cols] (accumulation type, any stride).
 template <class T>
-struct ActiveDims {
+struct DimWeights {
   const acc_t<T>* kl_dims;
   int64_t stride;
   acc_t<T> free_bits;
-  FASTELBO_DEVICE bool operator()(int64_t j) const { return kl_dims[j * stride] >= free_bits; }
+  FASTELBO_DEVICE acc_t<T> operator()(int64_t j) const { return free_bits_weight(kl_dims[j * stride], free_bits); }
 };
 
 template <class T, bool kPrior>
@@ -230,7 +231,7 @@ template <class T, bool kPrior>
 struct FreeBitsTerm {
   int64_t cols;
   KLElems<T, kPrior> kl;
-  ActiveDims<T> active;
+  DimWeights<T> weight;
   FASTELBO_DEVICE acc_t<T> operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
@@ -239,7 +240,7 @@ struct FreeBitsTerm {
     A s = A(0);
 #pragma unroll
     for (int e = 0; e < N; ++e)
-      if (e < n) s += active(j + e) ? v[e] : active.free_bits;
+      if (e < n) s += free_bits_select(weight(j + e), v[e], weight.free_bits);
     return s;
   }
 };
@@ -249,7 +250,7 @@ struct FreeBitsGrad {
   int64_t rows, cols;
   RowGrad<T> g;
   Mat<T> mu, lv, pmu, plv;
-  ActiveDims<T> active;
+  DimWeights<T> weight;
   Out<T> dmu, dlv, dpmu, dplv;
   FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
@@ -264,18 +265,18 @@ struct FreeBitsGrad {
     }
 #pragma unroll
     for (int e = 0; e < N; ++e) {
-      const bool on = e < n && active(j + e);
+      const A w = e < n ? weight(j + e) : A(0);
       A a, b, c = A(0), d = A(0);
       if (kPrior) {
         kl_normal_grad(gi, m[e], l[e], pm[e], pl[e], a, b, c, d);
       } else {
         kl_std_grad(gi, m[e], l[e], a, b);
       }
-      // A select, not a product: an inactive dimension's gradient is exactly 0 (torch.where).
-      m[e] = on ? a : A(0);
-      l[e] = on ? b : A(0);
-      pm[e] = on ? c : A(0);
-      pl[e] = on ? d : A(0);
+      // A select, not a product: a floored dimension's gradient is exactly 0 (torch.where).
+      m[e] = free_bits_select(w, a, A(0));
+      l[e] = free_bits_select(w, b, A(0));
+      pm[e] = free_bits_select(w, c, A(0));
+      pl[e] = free_bits_select(w, d, A(0));
     }
     store_latent_chunks<kPrior>(dmu, dlv, dpmu, dplv, i, j, cols, n, m, l, pm, pl);
   }
