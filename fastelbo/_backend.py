@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from . import _build, reference
+from . import _build, _functorch, reference
 from ._config import BACKENDS, CUDA_EMULATED, CUDA_EMULATED_ENV, cuda_emulated_enabled, env_backend, strict_mode
 from ._ops import ops as _torch_ops
 
@@ -207,14 +207,17 @@ def resolve(backend: str, device_type: str) -> str:
 
 def impl(backend: str, device: torch.device):
     """The op namespace of the chosen backend: torch.ops.fastelbo, fastelbo.kernels.OPS, reference.OPS or (tests)
-    fastelbo._emulated.OPS."""
+    fastelbo._emulated.OPS; under a torch.func transform (grad, vmap, ...) a fused backend's ops run through
+    autograd.Functions that functorch accepts (fastelbo._functorch; the reference is plain PyTorch)."""
     name = resolve(backend, device.type)
     if name == "reference":
         return reference.OPS
     if name == "triton":
-        return _triton_ops  # loaded by resolve(), outside any traced graph
-    if name == CUDA_EMULATED:
+        ops = _triton_ops  # loaded by resolve(), outside any traced graph
+    elif name == CUDA_EMULATED:
         from . import _emulated
 
-        return _emulated.OPS  # loaded by resolve()
-    return _torch_ops
+        ops = _emulated.OPS  # loaded by resolve()
+    else:
+        ops = _torch_ops
+    return _functorch.transformable(ops) if _functorch.transforms_active() else ops

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _autocast, _build, _ops
+from . import _autocast, _build, _ops, _vmap
 
 PREFIX = "emu_"
 FAMILIES = _ops.FAMILIES
@@ -58,6 +58,7 @@ def _define() -> None:
         _ops.register_autograd(f"fastelbo::{PREFIX}{family}", family, getattr(emu, f"{PREFIX}{family}_backward"))
         _ops.refuse_double_backward(f"fastelbo::{PREFIX}{family}_backward", lib=_lib)
         _autocast.register(f"fastelbo::{PREFIX}{family}")
+    _vmap.register(PREFIX, lib=_lib)
     _defined = True
 
 

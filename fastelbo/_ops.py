@@ -325,7 +325,8 @@ def _free_bits_backward(free_bits_kl_backward):
 # On CPU tensors every family takes the C++ twin of its entry, csrc/cpu/autograd.cpp
 # (registered for AutogradCPU, ahead of this Python registration, which the Triton ops and
 # CUDA tensors keep): torch.library's Python wrapper cost more than the kernels at B=256. A change here
-# goes there too; every backend's gradients are checked against the reference.
+# goes there too; every backend's gradients are checked against the reference. Under torch.func
+# transforms the entries run in fastelbo._functorch's autograd.Functions, on every backend.
 _AUTOGRAD = {
     "rsample": (_rsample_backward, _rsample_setup),
     "gaussian_kl": (_kl_backward, _save_inputs),
@@ -353,10 +354,14 @@ for _family in _AUTOGRAD:
 
 # The backward ops are not differentiable: say so loudly instead of torch's
 # fallback, which only warns and hands back a silent None second derivative.
+def double_backward_message(op_name: str) -> str:
+    return (f"fastelbo: {op_name} is not differentiable (double backward through fastelbo's ops "
+            "is not supported; use fastelbo.reference for higher-order derivatives)")
+
+
 def _no_double_backward(op_name):
     def backward(ctx, *grads):
-        raise RuntimeError(f"fastelbo: {op_name} is not differentiable (double backward through fastelbo's ops "
-                           "is not supported; use fastelbo.reference for higher-order derivatives)")
+        raise RuntimeError(double_backward_message(op_name))
 
     return backward
 

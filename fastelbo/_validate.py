@@ -154,8 +154,16 @@ def unit_interval(x: torch.Tensor, name: str = "x") -> None:
     msg = (f"{name} must lie in [0, 1] for the Bernoulli likelihood (pass validate_args=False to skip this check)")
     if torch.compiler.is_compiling():
         torch._assert_async(~bad, msg)
-    elif bool(bad):
+    elif bool(_every_slice(bad)):
         raise ValueError(msg)
+
+
+def _every_slice(flag: torch.Tensor) -> torch.Tensor:
+    """A flag under torch.func transforms, all slices at once: vmap cannot branch on one slice's
+    value, so the call raises when any slice would."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(flag):
+        flag = torch._C._functorch.get_unwrapped(flag)
+    return flag.any()
 
 
 def beta_value(beta) -> float:

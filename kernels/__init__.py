@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastelbo import _autocast, _ops
+from fastelbo import _autocast, _ops, _vmap
 
 from . import _tiles, elbo, free_bits, iwae, kl, loglik, rsample  # noqa: F401  (defines and registers the ops)
 
@@ -35,6 +35,7 @@ for _family in _ops.FAMILIES:
                            getattr(torch.ops.fastelbo, f"triton_{_family}_backward"))
     _ops.refuse_double_backward(f"fastelbo::triton_{_family}_backward")
     _autocast.register(f"fastelbo::triton_{_family}")  # float32 inside torch.autocast, as the C++ ops
+_vmap.register("triton_")  # torch.vmap: the batched dimension onto the rows (fastelbo/_vmap.py)
 
 # The op namespace of the "triton" backend: same names and signatures as torch.ops.fastelbo.
 OPS = SimpleNamespace(**{

@@ -23,6 +23,7 @@ float64 inputs (FP64 constexpr), as the C++ kernels do.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -156,6 +157,13 @@ def flat_autotune(kernel, key, size: str):
 # ---------------------------------------------------------------------------
 # Launch helpers (host)
 # ---------------------------------------------------------------------------
+# The interpreter runs a launch on process-wide state (the builder's grid index and dimensions,
+# triton.language patched for the duration of the launch): two threads launching at once read
+# each other's program ids or find the language unpatched (wrong results, InterpreterErrors,
+# crashes). Every interpreter launch below holds this lock; GPU launches do not need it.
+INTERPRETER_LOCK = threading.Lock()
+
+
 def _interpreter_tracing(args) -> bool:
     """Under the interpreter, fake tensors (shape propagation: torch.compile, opcheck) get
     no launch: the interpreter would read their data. On GPUs wrap_triton traces the launch."""
@@ -213,7 +221,8 @@ def launch_rows(kernel, tuned, rows: int, args: tuple, block: int, **constexprs)
         if _interpreter_tracing(args):
             return
         r = interpreter_rows(rows, block)
-        kernel[(triton.cdiv(rows, r),)](*args, ROWS=r, **constexprs)
+        with INTERPRETER_LOCK:
+            kernel[(triton.cdiv(rows, r),)](*args, ROWS=r, **constexprs)
         return
     wrap_triton(tuned)[rows_grid(rows)](*args, **constexprs)
 
@@ -240,7 +249,8 @@ def launch_rows_2d(kernel, tuned, rows: int, cols: int, args: tuple, block: int,
         if _interpreter_tracing(args):
             return
         r = interpreter_rows(rows, block)
-        kernel[(slots or triton.cdiv(rows, r), chunks)](*args, ROWS=r, **constexprs)
+        with INTERPRETER_LOCK:
+            kernel[(slots or triton.cdiv(rows, r), chunks)](*args, ROWS=r, **constexprs)
         return
     wrap_triton(tuned)[rows_2d_grid(rows, chunks, slots)](*args, **constexprs)
 
@@ -253,7 +263,8 @@ def launch_flat(kernel, tuned, n: int, args: tuple, **constexprs) -> None:
         if _interpreter_tracing(args):
             return
         block = min(INTERPRET_FLAT_BLOCK, max(4, triton.next_power_of_2(n)))
-        kernel[(triton.cdiv(n, block),)](*args, BLOCK=block, **constexprs)
+        with INTERPRETER_LOCK:
+            kernel[(triton.cdiv(n, block),)](*args, BLOCK=block, **constexprs)
         return
     wrap_triton(tuned)[flat_grid(n)](*args, **constexprs)
 

@@ -13,6 +13,7 @@ Accuracy rule (CONVENTIONS, flash-attention style):
     float64 and ref_low the reference computed in the low dtype,
         max|out - ref64| <= 2 * max|ref_low - ref64| + atol * max(1, max|ref64|)
     (atol: one unit of rounding of the result, which any kernel pays once).
+    This 2x rule is fastelbo._accuracy.baseline_bound, which `fastelbo check` applies too.
 NaN / +inf / -inf positions must match exactly (for the low dtypes: those of
 ref64 rounded to the dtype).
   * ill-conditioned results (baseline_rule=True): the IWAE gradients carry the
@@ -35,6 +36,7 @@ import pytest
 import torch
 
 from fastelbo import _backend
+from fastelbo._accuracy import baseline_bound
 
 
 # ---------------------------------------------------------------------------
@@ -216,18 +218,16 @@ def assert_close(actual, expected, *, ref64=None, n: int = 1, name: str = "value
         _nonfinite_parity(name, a, truth.to(dtype).double())
         finite = torch.isfinite(a) & torch.isfinite(truth)
         err = torch.where(finite, (a - truth).abs(), torch.zeros_like(a))
-        # The baseline is plain PyTorch in the low dtype; where it overflowed or failed it is no excuse.
-        base_ok = finite & torch.isfinite(low)
-        base = torch.where(base_ok, (low - truth).abs(), torch.zeros_like(a)).max().item()
-        scale = max(1.0, truth[finite].abs().max().item()) if finite.any() else 1.0
-        bound = 2.0 * base + tol.atol * scale
+        # The rule fastelbo check applies too (fastelbo/_accuracy.py): 2 x plain PyTorch's own error + atol x scale.
+        bound = baseline_bound(low, truth, tol.atol, where=torch.isfinite(a))
         worst = int(err.reshape(-1).argmax())
         if err.reshape(-1)[worst].item() > bound:
             idx = _fmt_index(worst, a.shape)
             raise AssertionError(
                 f"{name} ({dtype}): max error vs float64 reference {err.reshape(-1)[worst].item():.3e} at {idx} "
                 f"(actual={a[idx].item()!r}, float64 ref={truth[idx].item()!r}, low-dtype ref={low[idx].item()!r}) "
-                f"exceeds 2 x baseline error {base:.3e} + atol {tol.atol:.1e} x scale {scale:.3e} = {bound:.3e}")
+                f"exceeds the baseline bound {bound:.3e} (2 x plain PyTorch's {dtype} error + atol {tol.atol:.1e} "
+                f"x max(1, max|ref|))")
         return
     e = expected.detach().cpu().double()
     if overflow_ok:

@@ -120,7 +120,7 @@ def test_check_passes_on_cpu_and_lists_the_other_backends(capsys):
             assert status == "ok" or re.match(r"(unavailable|skipped): \S", status), status
     if not torch.cuda.is_available():
         assert all(r[-1].startswith("unavailable: ") for r in rows if r[0] == "cuda"), out
-    assert "tolerance (float32): |out - ref| <= 0.0001 * max(1, |ref|)" in out
+    assert "tolerance (float32): |out - ref| <= max(0.0001 * max(1, |ref|), 2 * max|torch - ref|)" in out
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
@@ -144,6 +144,91 @@ def test_check_fails_on_a_wrong_result(capsys, monkeypatch):
     assert status["gaussian_kl"].startswith("FAIL: out[")
     assert status["bernoulli_log_prob"] == "ok"
     assert "FAILED" in out
+
+
+# The IWAE gradients at Dx = 784 are ill-conditioned in float32 (tolerance rule in check.py): there
+# the old per-value 1e-4 failed the correct C++ kernels on 3 of 20 seeds (2, 3 and 5) at this shape.
+ILL_CONDITIONED = ["--batch", "16", "--x-dim", "784", "--z-dim", "32"]
+SEEDS = range(20)
+
+
+def _check_case_rows(backend: str, seed: int, shape) -> dict[str, str]:
+    """check's own comparison (make_cases, run_case under FASTELBO_STRICT) for a backend the command
+    line does not list: op -> "ok" or "FAIL: ..."."""
+    from fastelbo.commands import check
+
+    statuses = {}
+    with check._strict():
+        for case in check.make_cases(*shape, seed=seed):
+            res = check.run_case(case, backend, "cpu", torch.float32, seed)
+            statuses[case.name] = "ok" if res.failure is None else f"FAIL: {res.failure}"
+    return statuses
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda-emulated"])
+def test_check_passes_over_20_seeds(capsys, backend):
+    """A correct install passes `fastelbo check` whatever the seed: the tolerance rule holds for
+    correct float32 kernels (the default seed failed before on iwae_bound's dx). cpu at an
+    ill-conditioned shape, the interpreted Triton kernels at check's own CPU shape, the emulated CUDA
+    kernels (not a command-line backend: check's comparison run directly) at a small one."""
+    from fastelbo import _backend
+
+    ok, why = _backend.available(backend, "cpu")
+    if not ok:
+        pytest.skip(f"backend {backend!r} on cpu: {why}")
+    failed = {}
+    for seed in SEEDS:
+        if backend == "cuda-emulated":
+            statuses = _check_case_rows(backend, seed, (8, 40, 6))
+        else:
+            argv = ILL_CONDITIONED if backend == "cpu" else SMALL
+            code, out, err = run_cli(capsys, "check", "--backend", backend, "--device", "cpu", "--seed", str(seed),
+                                     *argv)
+            statuses = {r[2]: r[-1] for r in table_rows(out) if r[:2] == [backend, "cpu"]}
+            assert code == 0 or any(s != "ok" for s in statuses.values()), out + err
+        assert len(statuses) == len(OPS), statuses
+        failed.update({f"seed {seed}: {op}": s for op, s in statuses.items() if s != "ok"})
+    assert not failed, failed
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient comes back 1e-3 too large (relative): a subtle backward bug."""
+
+    @staticmethod
+    def forward(t):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1 + 1e-3)
+
+
+def test_check_still_fails_a_gradient_off_by_1e3_relative(capsys, monkeypatch):
+    """The baseline part of the rule leaves real bugs visible: every input gradient of every op
+    scaled by 1 + 1e-3 is a FAIL on a gradient for every op, ill-conditioned IWAE included."""
+    from fastelbo.commands import check
+
+    true_api = check._backend_api
+
+    def perturbed(backend):
+        api = true_api(backend)
+
+        def wrap(value):
+            return _ScaleGrad.apply(value) if isinstance(value, torch.Tensor) else value
+
+        return lambda name: (lambda *args, **kw: api(name)(*map(wrap, args), **{k: wrap(v) for k, v in kw.items()}))
+
+    monkeypatch.setattr(check, "_backend_api", perturbed)
+    code, out, _ = run_cli(capsys, "check", "--backend", "cpu", *ILL_CONDITIONED)
+    assert code == 1
+    status = {r[2]: r[-1] for r in table_rows(out) if r[0] == "cpu"}
+    assert set(status) == set(OPS), out
+    for op, s in status.items():
+        assert s.startswith("FAIL: d"), f"{op}: {s}"
 
 
 def test_check_never_reports_an_unavailable_backend_as_ok(capsys, monkeypatch):

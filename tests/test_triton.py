@@ -225,6 +225,53 @@ def test_kl_and_loglik_backward_expanded_grad():
 
 
 # ---------------------------------------------------------------------------
+# Threads: the interpreter keeps global state per launch (kernels/_tiles.py serializes them).
+# ---------------------------------------------------------------------------
+def _threaded_step(x, recon, mu, lv):
+    """Forward and backward through every launch helper: rsample (flat), the ELBO (rows, and its
+    backward on a 2-D grid), free bits (its column sums on a 2-D grid)."""
+    ins = [t.clone().requires_grad_(True) for t in (recon, mu, lv)]
+    z = fastelbo.rsample(ins[1], ins[2], seed=321, backend="triton")
+    loss = fastelbo.ELBOLoss(free_bits=0.1, backend="triton")(ins[0], x, ins[1], ins[2]) + (z * z).sum()
+    return [loss.detach(), z.detach(), *torch.autograd.grad(loss, ins)]
+
+
+@needs_triton
+def test_concurrent_threads_match_a_single_thread():
+    """Several Python threads running the Triton ops at once get, bit for bit, the results of a
+    single-threaded run (under the interpreter, unserialized launches gave NaNs, InterpreterErrors
+    and once a segmentation fault)."""
+    import threading
+
+    gen = _gen(11)
+    x, recon, mu, lv, _ = _elbo_case(16, 40, 6, "bernoulli", gen, dtype=torch.float16)
+    x = x.round()
+    expected = _threaded_step(x, recon, mu, lv)
+    n_threads, steps = 6, 3
+    start = threading.Barrier(n_threads)
+    results, errors = [], []
+
+    def work():
+        start.wait()
+        for _ in range(steps):
+            try:
+                results.append(_threaded_step(x, recon, mu, lv))
+            except Exception as e:  # noqa: BLE001  (reported below, with the others)
+                errors.append(f"{type(e).__name__}: {e}"[:200])
+
+    threads = [threading.Thread(target=work) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} of {n_threads * steps} steps raised: {errors[:3]}"
+    assert len(results) == n_threads * steps
+    names = ("loss", "z", "drecon", "dmu", "dlogvar")
+    wrong = [name for out in results for name, a, b in zip(names, out, expected) if not torch.equal(a, b)]
+    assert not wrong, f"{len(wrong)} results differ from the single-threaded run: {sorted(set(wrong))}"
+
+
+# ---------------------------------------------------------------------------
 # Backend choice.
 # ---------------------------------------------------------------------------
 _NO_INTERPRETER = textwrap.dedent("""

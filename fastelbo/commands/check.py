@@ -4,7 +4,9 @@ fastelbo.reference on random inputs, and print a table.
 
 The reference runs in float64 on CPU, on the very values the backend gets
 (inputs and upstream gradients rounded to --dtype first), so the error shown
-is the backend's own. Exit status 1 when a check fails (or the C++ kernels do
+is the backend's own. The error allowed is derived per op and dtype from one
+rule (TOLERANCE below): a fixed per-value tolerance, or twice plain PyTorch's
+own error in the same dtype where that is larger. Exit status 1 when a check fails (or the C++ kernels do
 not build), 0 otherwise; a backend that cannot run here is listed as
 "unavailable: why", never as ok.
 """
@@ -22,20 +24,27 @@ from typing import Callable
 import torch
 
 from .. import _build, functional, reference
+from .._accuracy import BASELINE_FACTOR, baseline_bound
 from ._common import KERNEL_BACKENDS, NO_CUDA, TARGET_DEVICES, availability, cuda_present, error, one_line, table
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# float32/float64: per value, |out - ref| <= TOL * max(1, |ref|), ref in float64.
-# A row sum of n terms carries at most ~n*u relative rounding error (u = 2^-24
-# resp. 2^-53); with n up to Dx = 784 that is 4.7e-5 resp. 8.7e-14, under the
-# tolerances with margin for exp/log1p's few ulps.
-# float16/bfloat16: per tensor, max|out - ref| <= 2 * max|torch - ref| + ULP * max(1, max|ref|),
-# where torch is fastelbo.reference (plain PyTorch) run in the same dtype (the
-# flash-attention rule, as in the test suite) and ULP one unit of rounding of
-# the result, which any kernel pays once: gradients of broadcast operands (a
-# [Dx] logvar, a [Dz] prior) are sums of B rounded per-element gradients and
-# cannot meet a per-value bound in 8 or 11 bits of mantissa, in PyTorch either.
+# The rule (fastelbo/_accuracy.py, shared with the test suite): a result may be off its float64
+# reference by at most
+#   float32/float64, per value: max(TOLERANCE * max(1, |ref|), 2 * max|torch - ref|)
+#   float16/bfloat16, per tensor: 2 * max|torch - ref| + ULP * max(1, max|ref|)
+# where torch is fastelbo.reference (plain PyTorch) run in the checked dtype on the same inputs and
+# its error is the largest of the tensor (the flash-attention rule).
+# TOLERANCE: a row sum of n terms carries at most ~n*u relative rounding error (u = 2^-24 resp.
+# 2^-53); with n up to Dx = 784 that is 4.7e-5 resp. 8.7e-14, under the tolerances with margin for
+# exp/log1p's few ulps. It is the floor for well-conditioned results. The 2x-PyTorch part holds for
+# ill-conditioned float32 results: the IWAE gradients carry softmax weights of log-weights summed
+# over Dx + 2 Dz terms, good to ~1e-4 relative in any float32 implementation (plain PyTorch misses
+# TOLERANCE by 3-4x on some of them), so a per-value 1e-4 fails correct kernels on some seeds.
+# float64 has no such results at these sizes: its PyTorch baseline is the reference itself.
+# ULP: one unit of rounding of the result, which any kernel pays once: gradients of broadcast
+# operands (a [Dx] logvar, a [Dz] prior) are sums of B rounded per-element gradients and cannot
+# meet a per-value bound in 8 or 11 bits of mantissa, in PyTorch either.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-12}
 LOW_PRECISION_ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
@@ -43,14 +52,20 @@ LOW_PRECISION_ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 def tolerance_note(dtype: torch.dtype, terms: int) -> str:
     """The footer line stating the tolerance; `terms`: the most terms one result sums over."""
     name = str(dtype).replace("torch.", "")
+    torch_is = f"torch = fastelbo.reference run in {name} on the same inputs (plain PyTorch's own error, per tensor)"
+    if dtype == torch.float32:
+        u = torch.finfo(dtype).eps / 2
+        return (f"tolerance ({name}): |out - ref| <= max({TOLERANCE[dtype]:g} * max(1, |ref|), "
+                f"{BASELINE_FACTOR:g} * max|torch - ref|) per value; {TOLERANCE[dtype]:g}: {name} rounding "
+                f"u = 2^{int(math.log2(u))} summed over <= {terms} terms: n*u = {terms * u:.1e}; {torch_is}: "
+                "ill-conditioned results (the IWAE gradients) are only that good in any float32 implementation.")
     if dtype in TOLERANCE:
         u = torch.finfo(dtype).eps / 2
         return (f"tolerance ({name}): |out - ref| <= {TOLERANCE[dtype]:g} * max(1, |ref|) per value "
                 f"({name} rounding u = 2^{int(math.log2(u))} summed over <= {terms} terms: n*u = {terms * u:.1e}).")
-    return (f"tolerance ({name}): per tensor, max|out - ref| <= 2 * max|torch - ref| + "
-            f"2^{int(math.log2(LOW_PRECISION_ULP[dtype]))} * max(1, max|ref|), torch = fastelbo.reference run in "
-            f"{name} (plain PyTorch in the same dtype), 2^{int(math.log2(LOW_PRECISION_ULP[dtype]))} = one ulp of "
-            "the result.")
+    ulp = f"2^{int(math.log2(LOW_PRECISION_ULP[dtype]))}"
+    return (f"tolerance ({name}): per tensor, max|out - ref| <= {BASELINE_FACTOR:g} * max|torch - ref| + "
+            f"{ulp} * max(1, max|ref|), {torch_is}, {ulp} = one ulp of the result.")
 
 
 # Under TRITON_INTERPRET=1 every program runs in numpy: keep the CPU shapes tiny.
@@ -167,12 +182,14 @@ def _compare(out, ref: torch.Tensor, low: torch.Tensor | None, dtype: torch.dtyp
         return 0.0
     diff = _abs_err(out, ref)
     ref64 = ref.detach().to("cpu", torch.float64)
-    if dtype in TOLERANCE:  # per value
+    if dtype in TOLERANCE:  # per value, at least the tensor's 2x-PyTorch bound (float32)
         bound = TOLERANCE[dtype] * torch.clamp(ref64.abs(), min=1.0)
+        if low is not None:
+            bound = torch.clamp(bound, min=baseline_bound(low, ref64, 0.0))
     else:  # per tensor, against plain PyTorch in the same dtype
-        torch_err = float(_abs_err(low, ref).max()) if low is not None else 0.0
-        scale = max(1.0, float(ref64.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max()))
-        bound = torch.full_like(diff, 2.0 * torch_err + LOW_PRECISION_ULP[dtype] * scale)
+        if low is None:
+            raise ValueError(f"{what}: the {dtype} rule needs the reference run in {dtype}")
+        bound = torch.full_like(diff, baseline_bound(low, ref64, LOW_PRECISION_ULP[dtype]))
     ratio = diff / bound
     worst_ratio = float(ratio.max())
     res.ratio = max(res.ratio or 0.0, worst_ratio)
@@ -203,7 +220,7 @@ def run_case(case: Case, backend: str, device: str, dtype: torch.dtype, seed: in
     upstream = [torch.randn(o.shape, generator=g).to(dtype) for o in shapes]  # not 1: catches missed scaling
     ref_out, ref_grads = _forward_backward(case, _reference_api, values, upstream, torch.float64, "cpu")
     low_out, low_grads = [None] * len(ref_out), [None] * len(ref_grads)
-    if dtype not in TOLERANCE:
+    if dtype != torch.float64:  # plain PyTorch's own error in the checked dtype (float64's is the reference)
         low_out, low_grads = _forward_backward(case, _reference_api, values, upstream, dtype, "cpu")
 
     res, failures = Result(), []
