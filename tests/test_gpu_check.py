@@ -464,3 +464,33 @@ def test_bench_stage_runs_its_cases_on_the_cpu(tmp_path):
     assert "fastelbo-cpu" in (out / "table.txt").read_text()
     assert "step/fwd+bwd/32x64x8/float32 fastelbo-cpu" in (out / "profile-step.txt").read_text()
 
+
+# ---------------------------------------------------------------------------
+# .ci/torch_api_check.py (run under torch 2.11 by .ci/compat-oldest)
+# ---------------------------------------------------------------------------
+def _api_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torch_api_check", ROOT / ".ci" / "torch_api_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_torch_api_check_finds_missing_names(tmp_path):
+    check = _api_check()
+    src = tmp_path / "uses.py"
+    src.write_text("import torch\nfrom torch.utils import no_such_module_42\nfrom torch.library import wrap_triton\n"
+                   "x = torch.library.no_such_function_42(torch.float32)\ny = torch.cuda.is_available()\n")
+    names = check.used_names(src)
+    assert set(names) == {"torch.utils.no_such_module_42", "torch.library.wrap_triton",
+                          "torch.library.no_such_function_42", "torch.float32", "torch.cuda.is_available"}
+    assert names["torch.library.no_such_function_42"] == 4
+    assert not check.resolve("torch.utils.no_such_module_42") and not check.resolve("torch.library.no_such_function_42")
+    assert check.resolve("torch.library.wrap_triton") and check.resolve("torch.utils.cpp_extension.load")
+
+
+def test_torch_api_check_passes_with_this_torch():
+    proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "torch_api_check.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and " 0 missing" in proc.stdout, proc.stdout + proc.stderr
