@@ -23,12 +23,15 @@ import time
 from pathlib import Path
 
 
-def _ninja_times(directory: str | None) -> list[dict]:
-    """(target, seconds) of the last build in a build directory, slowest first."""
+def _ninja_times(directory: str | None, since: float) -> list[dict]:
+    """(target, seconds) of the build that ran in a build directory after `since`, slowest first; [] when
+    the extension came from the cache."""
     if not directory:
         return []
     log = Path(directory) / ".ninja_log"
     try:
+        if log.stat().st_mtime < since:
+            return []
         lines = log.read_text().splitlines()
     except OSError:
         return []
@@ -44,11 +47,12 @@ def worker(kind: str) -> dict:
     from fastelbo import _build
     from fastelbo.commands import build as B
 
+    since = time.time()
     ok, where, seconds = (B.build_cpu() if kind == "cpu" else B.build_cuda())
     entry = {"ok": ok, "seconds": round(seconds, 1)}
     if ok:
         entry["dir"] = where
-        entry["compiles"] = _ninja_times(where)
+        entry["compiles"] = _ninja_times(where, since)
     else:
         entry["error"] = where
     if kind == "cuda":

@@ -193,7 +193,22 @@ def stage_line(name: str, res: dict, parts: dict) -> str:
     if name == "versions" and parts.get("versions"):
         g = (parts["versions"].get("gpu") or {})
         return g.get("name") or "no GPU visible to torch"
+    if status in ("failed", "timeout"):
+        return "log ends: " + last_line(res.get("log"))
     return ""
+
+
+def last_line(path, limit: int = 200) -> str:
+    """The last non-empty line of a log (how a failed stage ended)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return "(no log)"
+    line = lines[-1] if lines else "(empty log)"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def problems(results: dict, parts: dict) -> list[str]:

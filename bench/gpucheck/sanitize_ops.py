@@ -167,18 +167,21 @@ def op_cases(F, make: Maker, b: int, dx: int, dz: int, layout: str, backend: str
 
 
 def all_cases(device: str, backend: str, sizes: str):
+    """The cases in the order they run: float32 first, then the launch geometries, then the other dtypes, so
+    that a sanitizer run stopped by its cap has covered every kernel and geometry once."""
     import fastelbo
     from fastelbo import functional as F
 
-    out = []
     sync = sizes == "sync"
+    per_dtype = []
     for dtype in (GEOMETRY_DTYPES if sync else DTYPES):
         name = str(dtype).replace("torch.", "")
+        cases = []
         for (b, dx, dz) in (SMALL[::2] if sync else SMALL):
             for layout in (LAYOUTS[::2] if sync else LAYOUTS):
                 make = Maker(device, dtype, seed=b * 1000 + dx)
                 for label, fn in op_cases(F, make, b, dx, dz, layout, backend):
-                    out.append((f"{label} {name} {b}x{dx}x{dz} {layout}", fn))
+                    cases.append((f"{label} {name} {b}x{dx}x{dz} {layout}", fn))
 
         def noise(dtype=dtype):
             seed = fastelbo._seed.seed_tensor(torch.device(device), seed=2**40 + 3)
@@ -186,7 +189,9 @@ def all_cases(device: str, backend: str, sizes: str):
                 torch.ops.fastelbo.philox_noise(seed, n, normal, dtype)
 
         if backend == "cuda":  # the op itself (the reference and the tests call it; no public function does)
-            out.append((f"philox_noise {name}", noise))
+            cases.append((f"philox_noise {name}", noise))
+        per_dtype.append(cases)
+    geometry = []
     if sizes in ("all", "sync"):
         for dtype in GEOMETRY_DTYPES:
             name = str(dtype).replace("torch.", "")
@@ -194,8 +199,8 @@ def all_cases(device: str, backend: str, sizes: str):
                 for layout in ("contiguous", "offset1"):
                     make = Maker(device, dtype, seed=7)
                     for label, fn in op_cases(F, make, b, dx, dz, layout, backend, everything=False):
-                        out.append((f"{label} {name} {kind} {b}x{dx}x{dz} {layout}", fn))
-    return out
+                        geometry.append((f"{label} {name} {kind} {b}x{dx}x{dz} {layout}", fn))
+    return per_dtype[0] + geometry + [c for cases in per_dtype[1:] for c in cases]
 
 
 def run(cases, device: str) -> int:
