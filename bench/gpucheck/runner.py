@@ -166,9 +166,9 @@ class Runner:
 
     # -- after a group ---------------------------------------------------------
     def _after(self, group: S.Group) -> None:
-        if group.name == "install":
+        if group.name == "install":  # left out (--only): the environment of an earlier run, where there is one
             venv_python = self.paths.venv / "bin" / "python"
-            if self.results.get("install", {}).get("status") == "ok" and venv_python.exists():
+            if self.results.get("install", {}).get("status") in ("ok", "not-selected") and venv_python.exists():
                 self.python = str(venv_python)
         if group.name == "build" and self.results.get("build", {}).get("status") != "not-selected":
             self._mark_build_failures()
