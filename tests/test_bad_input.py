@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,7 @@ CASES = [
     ("beta-str", lambda: F.elbo(X, RECON, MU, LV, beta="1"), TypeError, r"\bbeta\b"),
     ("beta-bool", lambda: fastelbo.ELBOLoss(beta=True), TypeError, r"\bbeta\b"),
     ("validate-args-type", lambda: fastelbo.set_default_validate_args(1), TypeError, r"validate_args"),
+    ("seed-numpy-bool", lambda: F.rsample(MU, LV, seed=np.bool_(True)), TypeError, r"\bseed\b"),
 ]
 
 
@@ -124,6 +126,14 @@ def test_bad_input_message(fn, exc, pattern):
     with pytest.raises(exc) as info:
         fn()
     assert re.search(pattern, str(info.value)), f"message does not name the argument: {info.value!r}"
+
+
+def test_numpy_integer_seeds(fused):
+    """A numpy integer is a seed (num_samples takes them too), the same as the int of its value."""
+    mu, lv, be = MU.to(fused.device), LV.to(fused.device), fused.name
+    assert torch.equal(F.rsample(mu, lv, seed=np.int64(5), backend=be), F.rsample(mu, lv, seed=5, backend=be))
+    top = F.rsample(mu, lv, seed=np.uint64(2**64 - 1), backend=be)  # the same 64 bits as -1
+    assert torch.equal(top, F.rsample(mu, lv, seed=-1, backend=be))
 
 
 def test_env_backend_name_checked(monkeypatch):
