@@ -6,6 +6,7 @@ the batch (a stride-0 view, no copy); nothing else is broadcast.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from ._autocast import AUTOCAST_DTYPES
 
 _VALIDATE_ARGS = True
+
+INT64_MAX = 2**63 - 1
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 REDUCTIONS = ("mean", "sum", "none")
@@ -113,13 +116,24 @@ def samples(t, name: str, dims: str) -> torch.Tensor:
     return t
 
 
-def num_samples(value) -> int | None:
+def num_samples(value, like: torch.Tensor) -> int | None:
+    """K >= 1 samples of `like` [B, Dz], or None. z [K, B, Dz] must be a tensor at all: K an int64 and
+    the bytes of z within int64 (what torch can index); whether they can be allocated is the allocator's
+    answer (fastelbo.functional.rsample names num_samples in it)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"num_samples must be an int or None; got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"num_samples must be >= 1; got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"num_samples must fit in int64 (at most 2**63 - 1); got {value}")
+    shape = [int(value), *like.shape]
+    nbytes = math.prod(shape) * like.element_size()
+    if nbytes > INT64_MAX:
+        raise ValueError(f"num_samples is too large for mu of shape {list(like.shape)} ({like.dtype}): z "
+                         f"[num_samples, B, Dz] must hold fewer than 2**63 bytes; got num_samples={value}, z of "
+                         f"shape {shape} ({nbytes} bytes)")
     return int(value)
 
 

@@ -110,6 +110,13 @@ CASES = [
     ("beta-str", lambda: F.elbo(X, RECON, MU, LV, beta="1"), TypeError, r"\bbeta\b"),
     ("beta-bool", lambda: fastelbo.ELBOLoss(beta=True), TypeError, r"\bbeta\b"),
     ("validate-args-type", lambda: fastelbo.set_default_validate_args(1), TypeError, r"validate_args"),
+    # num_samples whose z could not be a tensor: K or z's bytes beyond int64
+    ("num-samples-2**63", lambda: F.rsample(MU, LV, num_samples=2**63, seed=0), ValueError,
+     r"num_samples must fit in int64 .*; got 9223372036854775808"),
+    ("num-samples-2**62", lambda: F.rsample(MU, LV, num_samples=2**62, seed=0), ValueError,
+     r"num_samples is too large .*z of shape \[4611686018427387904, 3, 4\]"),
+    ("num-samples-bytes", lambda: F.rsample(MU[:1, :1].double(), LV[:1, :1].double(), num_samples=2**60, seed=0),
+     ValueError, r"num_samples is too large .*z of shape \[1152921504606846976, 1, 1\] \(9223372036854775808 bytes\)"),
     ("seed-numpy-bool", lambda: F.rsample(MU, LV, seed=np.bool_(True)), TypeError, r"\bseed\b"),
 ]
 
@@ -134,6 +141,17 @@ def test_numpy_integer_seeds(fused):
     assert torch.equal(F.rsample(mu, lv, seed=np.int64(5), backend=be), F.rsample(mu, lv, seed=5, backend=be))
     top = F.rsample(mu, lv, seed=np.uint64(2**64 - 1), backend=be)  # the same 64 bits as -1
     assert torch.equal(top, F.rsample(mu, lv, seed=-1, backend=be))
+
+
+def test_num_samples_beyond_memory_names_num_samples(fused):
+    """A z that could be a tensor but cannot be allocated (3.4 PB here, more than any address space):
+    the allocator's error, re-raised as its own type, naming num_samples, z's shape and bytes."""
+    k = 2**46
+    for be in (fused.name, "reference"):
+        with pytest.raises(RuntimeError) as info:
+            F.rsample(MU.to(fused.device), LV.to(fused.device), num_samples=k, seed=0, backend=be)
+        assert re.search(rf"\bnum_samples={k}\b.*\[{k}, {B}, {DZ}\], {k * B * DZ * 4} bytes", str(info.value)), info.value
+        assert info.value.__cause__ is not None, "the allocator's own error is chained"
 
 
 def test_env_backend_name_checked(monkeypatch):

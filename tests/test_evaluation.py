@@ -127,6 +127,7 @@ def test_bernoulli_model_runs_without_gradients():
     ({"K": 0}, ValueError, "K must be an int >= 1"),
     ({"K": 2.5}, ValueError, "K must be an int >= 1"),
     ({"K": 4, "chunk_size": 0}, ValueError, "chunk_size must be an int >= 1"),
+    ({"K": 2**63, "chunk_size": 2**63}, ValueError, r"K must be an int >= 1 and < 2\*\*63"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     model = LinearGaussian()
