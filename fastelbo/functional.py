@@ -152,7 +152,7 @@ def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior
     _posterior_args(mu, logvar, x, recon)
     beta = v.beta_value(beta)
     s = _obs_logvar(likelihood, obs_logvar, recon)
-    validate_x = likelihood == "bernoulli" and v.validate_args_enabled(validate_args)
+    validate_x = v.validate_args_enabled(validate_args) and likelihood == "bernoulli"
     pmu, plv = v.prior(prior_mu, prior_logvar, mu)
     out = impl(backend, recon.device).elbo(x, recon, mu, logvar, s, pmu, plv, likelihood, beta, validate_x)
     return ELBOTerms(*out)
@@ -182,7 +182,7 @@ def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=No
         raise ValueError(f"z must have shape [K, B, Dz] = [{z.shape[0]}, {mu.shape[0]}, {mu.shape[1]}] "
                          f"(K samples of mu's [B, Dz]); got {list(z.shape)}")
     s = _obs_logvar(likelihood, obs_logvar, recon)
-    validate_x = likelihood == "bernoulli" and v.validate_args_enabled(validate_args)
+    validate_x = v.validate_args_enabled(validate_args) and likelihood == "bernoulli"
     pmu, plv = v.prior(prior_mu, prior_logvar, mu)
     return impl(backend, recon.device).iwae_bound(x, recon, z, mu, logvar, s, pmu, plv, likelihood, validate_x)[0]
 
