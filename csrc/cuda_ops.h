@@ -160,7 +160,7 @@ struct Ops {
   // ---------------------------------------------------------------------------
   static at::Tensor rsample(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed, const Opt& eps,
                             int64_t num_samples) {
-    const int64_t K = check_rsample_args(mu, logvar, eps, num_samples);
+    const int64_t K = check_rsample_args(mu, logvar, seed, eps, num_samples);
     const Opt lv(logvar);
     Device::check(mu, "mu", {{&lv, "logvar"}, {&eps, "eps"}});
     const Guard guard(mu);
@@ -179,7 +179,7 @@ struct Ops {
   static std::tuple<at::Tensor, at::Tensor> rsample_backward(const at::Tensor& grad_z, const at::Tensor& logvar,
                                                              const at::Tensor& seed, const Opt& eps,
                                                              std::array<bool, 2> output_mask) {
-    const int64_t K = check_rsample_backward_args(grad_z, logvar, eps);
+    const int64_t K = check_rsample_backward_args(grad_z, logvar, seed, eps);
     const Opt g(grad_z);
     Device::check(logvar, "logvar", {{&g, "grad_z"}, {&eps, "eps"}});
     const Guard guard(logvar);

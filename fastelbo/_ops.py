@@ -44,6 +44,8 @@ The op-level shape contract (the Python API normalizes to it; kernels check it):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 LIB = torch.library.Library("fastelbo", "DEF")
@@ -85,7 +87,41 @@ ops = torch.ops.fastelbo
 
 # ---------------------------------------------------------------------------
 # Fake kernels: shapes only. Every real kernel returns fresh contiguous tensors.
+#
+# They are the ops' Meta kernels too, and the dispatcher runs the kernel of the
+# highest-priority backend among the inputs, Meta above CPU and CUDA: a direct
+# call mixing a meta tensor into CPU ones lands here. The outputs are made
+# "like" the first argument, so each fake first checks that the tensors share
+# one device (else it would hand back uninitialized CPU memory). The seed alone
+# may also be a CPU tensor, as the CUDA kernels take it (they copy it over).
 # ---------------------------------------------------------------------------
+def _check_one_device(names, args, kwargs) -> None:
+    given = list(zip(names, args)) + [(n, kwargs[n]) for n in names[len(args):] if n in kwargs]
+    tensors = [(n, t) for n, t in given if isinstance(t, torch.Tensor)]
+    first = next(((n, t) for n, t in tensors if n != "seed"), None)
+    if first is None:
+        return
+    first_name, first_t = first
+    for name, t in tensors:
+        ok = t.device == first_t.device or (name == "seed" and t.device.type == "cpu")
+        torch._check(ok, lambda: f"fastelbo: {name} must be on {first_t.device} like {first_name}, got {t.device}")
+
+
+def _register_fake(op: str):
+    """register_fake for fastelbo::<op>, the one-device check ahead of the shape function."""
+    names = [a.name for a in getattr(ops, op).default._schema.arguments]
+
+    def decorator(fn):
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _check_one_device(names, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return torch.library.register_fake(f"fastelbo::{op}")(fake)
+
+    return decorator
+
+
 def _grads(mask, like):
     return tuple(like.new_empty(like.shape) if wanted else like.new_empty(0) for wanted in mask)
 
@@ -103,61 +139,61 @@ def _like_or_empty(wanted, like):
     return like.new_empty(like.shape) if wanted else like.new_empty(0)
 
 
-@torch.library.register_fake("fastelbo::rsample")
+@_register_fake("rsample")
 def _(mu, logvar, seed, eps, num_samples=0):
     torch._check(num_samples >= 0, lambda: f"num_samples must be >= 0, got {num_samples}")
     return mu.new_empty(((num_samples,) if num_samples > 0 else ()) + tuple(mu.shape))
 
 
-@torch.library.register_fake("fastelbo::rsample_backward")
+@_register_fake("rsample_backward")
 def _(grad_z, logvar, seed, eps, output_mask):
     return _like_or_empty(output_mask[0], logvar), _like_or_empty(output_mask[1], grad_z)
 
 
-@torch.library.register_fake("fastelbo::philox_noise")
+@_register_fake("philox_noise")
 def _(seed, n, normal, dtype):
     return seed.new_empty(n, dtype=dtype)
 
 
-@torch.library.register_fake("fastelbo::gaussian_kl")
+@_register_fake("gaussian_kl")
 def _(mu, logvar, prior_mu, prior_logvar):
     return _rows(mu)
 
 
-@torch.library.register_fake("fastelbo::gaussian_kl_backward")
+@_register_fake("gaussian_kl_backward")
 def _(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
     has_prior = prior_mu is not None
     mask = (output_mask[0], output_mask[1], output_mask[2] and has_prior, output_mask[3] and has_prior)
     return _grads(mask, mu)
 
 
-@torch.library.register_fake("fastelbo::bernoulli_log_prob")
+@_register_fake("bernoulli_log_prob")
 def _(logits, x, validate_x=False):
     return _rows(logits)
 
 
-@torch.library.register_fake("fastelbo::bernoulli_log_prob_backward")
+@_register_fake("bernoulli_log_prob_backward")
 def _(grad, logits, x, output_mask):
     return _grads(output_mask, logits)
 
 
-@torch.library.register_fake("fastelbo::gaussian_log_prob")
+@_register_fake("gaussian_log_prob")
 def _(mean, x, logvar):
     return _rows(mean)
 
 
-@torch.library.register_fake("fastelbo::gaussian_log_prob_backward")
+@_register_fake("gaussian_log_prob_backward")
 def _(grad, mean, x, logvar, output_mask):
     return tuple(_like_or_empty(w, like) for w, like in zip(output_mask, (mean, mean, logvar)))
 
 
-@torch.library.register_fake("fastelbo::elbo")
+@_register_fake("elbo")
 def _(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x=False):
     torch._check(mu.shape[0] == x.shape[0], lambda: "mu and x must have the same batch size")
     return _rows(x), _rows(x), _rows(x)
 
 
-@torch.library.register_fake("fastelbo::elbo_backward")
+@_register_fake("elbo_backward")
 def _(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta,
       output_mask):
     gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
@@ -167,13 +203,13 @@ def _(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_m
     return tuple(_like_or_empty(wanted, like) for wanted, like in zip(mask, likes))
 
 
-@torch.library.register_fake("fastelbo::iwae_bound")
+@_register_fake("iwae_bound")
 def _(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
     torch._check(recon.dim() == 3 and z.dim() == 3, lambda: "recon and z must be [K, B, D]")
     return x.new_empty(x.shape[0], dtype=recon.dtype), x.new_empty(recon.shape[:2], dtype=_acc(recon.dtype))
 
 
-@torch.library.register_fake("fastelbo::iwae_bound_backward")
+@_register_fake("iwae_bound_backward")
 def _(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, output_mask):
     gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
     mask = list(output_mask[:5]) + [output_mask[5] and gaussian, output_mask[6] and has_prior,
@@ -182,12 +218,12 @@ def _(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_log
     return tuple(_like_or_empty(wanted, like) for wanted, like in zip(mask, likes))
 
 
-@torch.library.register_fake("fastelbo::free_bits_kl")
+@_register_fake("free_bits_kl")
 def _(mu, logvar, prior_mu, prior_logvar, free_bits):
     return _rows(mu), mu.new_empty(mu.shape[1], dtype=_acc(mu.dtype))
 
 
-@torch.library.register_fake("fastelbo::free_bits_kl_backward")
+@_register_fake("free_bits_kl_backward")
 def _(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, output_mask):
     has_prior = prior_mu is not None
     mask = (output_mask[0], output_mask[1], output_mask[2] and has_prior, output_mask[3] and has_prior)

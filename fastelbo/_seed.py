@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
@@ -10,7 +12,7 @@ _INT64_MIN, _UINT64_END = -(2**63), 2**64
 def seed_tensor(device: torch.device, generator: torch.Generator | None = None, seed=None) -> torch.Tensor:
     """A 0-dim int64 tensor on `device`.
 
-    An explicit `seed` (int or one-element integer tensor) is used as is;
+    An explicit `seed` (an integer, numpy's too, or a one-element integer tensor) is used as is;
     otherwise one is drawn from `generator` (the default generator of the
     device when None), so torch.manual_seed makes samples reproducible.
     The seed travels with the op's inputs: a recomputed forward (activation
@@ -24,8 +26,9 @@ def seed_tensor(device: torch.device, generator: torch.Generator | None = None, 
                 raise ValueError(f"seed must be an int or a one-element integer tensor; got {seed.dtype} "
                                  f"with shape {tuple(seed.shape)}")
             return seed.reshape(()).to(device=device, dtype=torch.int64)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy integers too
             raise TypeError(f"seed must be an int or a one-element integer tensor; got {type(seed).__name__}")
+        seed = int(seed)
         if not _INT64_MIN <= seed < _UINT64_END:
             raise ValueError(f"seed must fit in 64 bits; got {seed}")
         if seed >= 2**63:

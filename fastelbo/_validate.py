@@ -6,6 +6,7 @@ the batch (a stride-0 view, no copy); nothing else is broadcast.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from ._autocast import AUTOCAST_DTYPES
 
 _VALIDATE_ARGS = True
+
+INT64_MAX = 2**63 - 1
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 REDUCTIONS = ("mean", "sum", "none")
@@ -23,12 +26,30 @@ def set_default_validate_args(value: bool) -> None:
     torch.distributions.Distribution.set_default_validate_args."""
     global _VALIDATE_ARGS
     if not isinstance(value, bool):
-        raise TypeError(f"validate_args must be a bool; got {type(value).__name__}")
+        raise TypeError(f"validate_args must be a bool; got {_type_name(value)}")
     _VALIDATE_ARGS = value
 
 
 def validate_args_enabled(validate_args: bool | None) -> bool:
-    return _VALIDATE_ARGS if validate_args is None else bool(validate_args)
+    # Only None or a bool: a string ("false" is truthy) or 0/1 would be read by truthiness.
+    if validate_args is not None and not isinstance(validate_args, bool):
+        raise TypeError(f"validate_args must be a bool or None; got {_type_name(validate_args)}")
+    return _VALIDATE_ARGS if validate_args is None else validate_args
+
+
+def _type_name(value) -> str:
+    """int, str, ...; numpy.bool rather than a bare "bool" for numpy's own booleans."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def finite(value: numbers.Real) -> float | None:
+    """value as a finite float, or None (NaN, an infinity, an int beyond float's range)."""
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if -math.inf < f < math.inf else None  # comparisons, not math.isfinite: torch.compile traces them
 
 
 def float_tensor(t, name: str, dims: str, ndim: int) -> torch.Tensor:
@@ -79,6 +100,10 @@ def per_feature(value, name: str, like: torch.Tensor, like_name: str) -> torch.T
     """A number, or a tensor of shape [], [D], [1, D] or [B, D], expanded to like's [B, D]."""
     rows, cols = like.shape
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        # A number is checked; values inside a tensor are not (that would cost a device sync): they
+        # propagate as NaN, as in the reference.
+        if finite(value) is None:
+            raise ValueError(f"{name} must be a finite number (or a tensor); got {value}")
         return torch.full((), float(value), dtype=like.dtype, device=like.device).expand(rows, cols)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a number or a tensor; got {type(value).__name__}")
@@ -113,13 +138,24 @@ def samples(t, name: str, dims: str) -> torch.Tensor:
     return t
 
 
-def num_samples(value) -> int | None:
+def num_samples(value, like: torch.Tensor) -> int | None:
+    """K >= 1 samples of `like` [B, Dz], or None. z [K, B, Dz] must be a tensor at all: K an int64 and
+    the bytes of z within int64 (what torch can index); whether they can be allocated is the allocator's
+    answer (fastelbo.functional.rsample names num_samples in it)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"num_samples must be an int or None; got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"num_samples must be >= 1; got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"num_samples must fit in int64 (at most 2**63 - 1); got {value}")
+    shape = [int(value), *like.shape]
+    nbytes = math.prod(shape) * like.element_size()
+    if nbytes > INT64_MAX:
+        raise ValueError(f"num_samples is too large for mu of shape {list(like.shape)} ({like.dtype}): z "
+                         f"[num_samples, B, Dz] must hold fewer than 2**63 bytes; got num_samples={value}, z of "
+                         f"shape {shape} ({nbytes} bytes)")
     return int(value)
 
 
@@ -169,4 +205,6 @@ def _every_slice(flag: torch.Tensor) -> torch.Tensor:
 def beta_value(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a real number; got {type(beta).__name__}")
+    if finite(beta) is None:
+        raise ValueError(f"beta must be a finite number (the KL weight); got {beta}")
     return float(beta)

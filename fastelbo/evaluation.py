@@ -45,8 +45,8 @@ def estimate_log_likelihood(model_fn, x: torch.Tensor, K: int = 5000, *, chunk_s
     progress bar on stderr (None: when stderr is a terminal and there is more
     than one chunk).
     """
-    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
-        raise ValueError(f"K must be an int >= 1 (the number of importance samples); got {K!r}")
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or not 1 <= K <= v.INT64_MAX:
+        raise ValueError(f"K must be an int >= 1 and < 2**63 (the number of importance samples); got {K!r}")
     encode, decode = _model_parts(model_fn)
     v.tensor2d(x, "x", "[B, Dx]")
     K = int(K)

@@ -9,6 +9,8 @@ in float32, float64 for float64 inputs).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validate as v
@@ -28,9 +30,14 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
     `generator` (the default generator when None), or is the given `eps`
     tensor ([B, Dz], or [K, B, Dz] for K samples). The backward regenerates eps from the seed:
     nothing of z's size is kept for it.
+
+    A num_samples whose z could not be a tensor (K or z's byte size beyond int64) is a ValueError.
+    One that could, but does not fit in memory, is the allocator's error (torch.OutOfMemoryError, or
+    the CPU allocator's RuntimeError), re-raised as the same type naming num_samples and z's bytes:
+    what fits depends on the machine and on what else holds memory, so there is no fixed bound.
     """
     v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
-    k = v.num_samples(num_samples)
+    k = v.num_samples(num_samples, mu)
     if eps is not None:
         if seed is not None or generator is not None:
             raise ValueError("rsample: pass eps= or seed=/generator=, not both")
@@ -50,7 +57,22 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
     # The seed tensor is an op input even when eps is given (schema is fixed): 0-dim, never read then.
     s = torch.zeros((), dtype=torch.int64, device=mu.device) if eps is not None else seed_tensor(
         mu.device, generator, seed)
-    return ops.rsample(mu, logvar, s, eps, 0 if k is None else k)
+    if k is None:
+        return ops.rsample(mu, logvar, s, eps, 0)
+    try:
+        return ops.rsample(mu, logvar, s, eps, k)
+    except RuntimeError as e:
+        if not _allocation_failed(e):
+            raise
+        shape = [k, *mu.shape]
+        raise type(e)(f"rsample: num_samples={k} asks for z of shape {shape}, {math.prod(shape) * mu.element_size()} "
+                      f"bytes of {mu.dtype}, which could not be allocated (use fewer samples, or draw them in "
+                      f"chunks)") from e
+
+
+def _allocation_failed(e: RuntimeError) -> bool:
+    # The CPU allocator's failure is a plain RuntimeError; its text is the only mark it has.
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 # CHECKPOINT GUARD (docs/training.md, "Activation checkpointing"). torch.utils.checkpoint
@@ -132,7 +154,7 @@ def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior
     _posterior_args(mu, logvar, x, recon)
     beta = v.beta_value(beta)
     s = _obs_logvar(likelihood, obs_logvar, recon)
-    validate_x = likelihood == "bernoulli" and v.validate_args_enabled(validate_args)
+    validate_x = v.validate_args_enabled(validate_args) and likelihood == "bernoulli"
     pmu, plv = v.prior(prior_mu, prior_logvar, mu)
     out = impl(backend, recon.device).elbo(x, recon, mu, logvar, s, pmu, plv, likelihood, beta, validate_x)
     return ELBOTerms(*out)
@@ -162,7 +184,7 @@ def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=No
         raise ValueError(f"z must have shape [K, B, Dz] = [{z.shape[0]}, {mu.shape[0]}, {mu.shape[1]}] "
                          f"(K samples of mu's [B, Dz]); got {list(z.shape)}")
     s = _obs_logvar(likelihood, obs_logvar, recon)
-    validate_x = likelihood == "bernoulli" and v.validate_args_enabled(validate_args)
+    validate_x = v.validate_args_enabled(validate_args) and likelihood == "bernoulli"
     pmu, plv = v.prior(prior_mu, prior_logvar, mu)
     return impl(backend, recon.device).iwae_bound(x, recon, z, mu, logvar, s, pmu, plv, likelihood, validate_x)[0]
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import _validate as v
+from ._backend import _check_name
 from .functional import elbo, free_bits_kl, iwae_bound
 
 BOUNDS = ("elbo", "iwae")
@@ -53,7 +54,8 @@ class ELBOLoss(nn.Module):
             raise ValueError(f"free_bits applies to bound='elbo'; the IWAE bound has no KL term to floor "
                              f"(got free_bits={free_bits})")
         self.obs_logvar = obs_logvar
-        self.backend = backend
+        self.backend = _check_name(backend)
+        v.validate_args_enabled(validate_args)  # None or a bool, checked now rather than at the first call
         self.validate_args = validate_args
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *,

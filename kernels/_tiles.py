@@ -272,6 +272,11 @@ def launch_flat(kernel, tuned, n: int, args: tuple, **constexprs) -> None:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_device(a: torch.Tensor, an: str, b: torch.Tensor, bn: str) -> None:
+    """b is on a's device (the kernels take raw pointers: another device's memory is no operand)."""
+    torch._check(b.device == a.device, lambda: f"fastelbo: {bn} must be on {a.device} like {an}, got {b.device}")
+
+
 def check_like(a: torch.Tensor, an: str, b: torch.Tensor | None, bn: str) -> None:
     """b (when given) has a's shape and dtype; a is a 2-D floating tensor (as csrc/cpu/checks.h)."""
     torch._check(a.dim() == 2, lambda: f"fastelbo: {an} must be 2-D [B, D], got shape {tuple(a.shape)}")
@@ -282,7 +287,7 @@ def check_like(a: torch.Tensor, an: str, b: torch.Tensor | None, bn: str) -> Non
     torch._check(b.shape == a.shape, lambda: f"fastelbo: {bn} must have the shape of {an} {tuple(a.shape)}, "
                  f"got {tuple(b.shape)}")
     torch._check(b.dtype == a.dtype, lambda: f"fastelbo: {bn} must have dtype {a.dtype}, got {b.dtype}")
-    torch._check(b.device == a.device, lambda: f"fastelbo: {bn} must be on {a.device}, got {b.device}")
+    check_device(a, an, b, bn)
 
 
 def check_samples(t: torch.Tensor | None, name: str, like: torch.Tensor, like_name: str) -> None:
@@ -292,10 +297,10 @@ def check_samples(t: torch.Tensor | None, name: str, like: torch.Tensor, like_na
     torch._check(t.dim() == 3 and tuple(t.shape[1:]) == tuple(like.shape), lambda: (
         f"fastelbo: {name} must be [K, B, D] with [B, D] = {like_name}'s {tuple(like.shape)}, got {tuple(t.shape)}"))
     torch._check(t.dtype == like.dtype, lambda: f"fastelbo: {name} must have dtype {like.dtype}, got {t.dtype}")
-    torch._check(t.device == like.device, lambda: f"fastelbo: {name} must be on {like.device}, got {t.device}")
+    check_device(like, like_name, t, name)
 
 
-def check_obs_logvar(s: torch.Tensor | None, name: str, x: torch.Tensor) -> None:
+def check_obs_logvar(s: torch.Tensor | None, name: str, x: torch.Tensor, x_name: str = "x") -> None:
     """An observation log-variance: [1, D] (one per feature, broadcast over rows) or [B, D] (per row)
     for x [B, D]; x's dtype and device."""
     if s is None:
@@ -304,7 +309,7 @@ def check_obs_logvar(s: torch.Tensor | None, name: str, x: torch.Tensor) -> None
     torch._check(s.dim() == 2 and s.shape[1] == D and s.shape[0] in (1, B), lambda: (
         f"fastelbo: {name} must be [1, {D}] (per feature) or [{B}, {D}] (per row), got {tuple(s.shape)}"))
     torch._check(s.dtype == x.dtype, lambda: f"fastelbo: {name} must have dtype {x.dtype}, got {s.dtype}")
-    torch._check(s.device == x.device, lambda: f"fastelbo: {name} must be on {x.device}, got {s.device}")
+    check_device(x, x_name, s, name)
 
 
 def reduces_rows(s: torch.Tensor | None, rows: int) -> bool:
@@ -336,6 +341,7 @@ def check_row_grad(g: torch.Tensor | None, name: str, like: torch.Tensor) -> Non
     torch._check(g.dim() == 1 and g.shape[0] == like.shape[0],
                  lambda: f"fastelbo: {name} must have shape [{like.shape[0]}], got {tuple(g.shape)}")
     torch._check(g.dtype == like.dtype, lambda: f"fastelbo: {name} must have dtype {like.dtype}, got {g.dtype}")
+    check_device(like, "the other operands", g, name)
 
 
 X_RANGE_MESSAGE = ("fastelbo: x must lie in [0, 1] for the Bernoulli likelihood "

@@ -131,6 +131,7 @@ def check_latents(x, mu, logvar, prior_mu, prior_logvar):
     torch._check(mu.shape[0] == x.shape[0],
                  lambda: f"fastelbo: mu must have the batch size of x ({x.shape[0]}), got {mu.shape[0]}")
     torch._check(mu.dtype == x.dtype, lambda: f"fastelbo: mu must have dtype {x.dtype}, got {mu.dtype}")
+    T.check_device(x, "x", mu, "mu")
 
 
 def check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood):

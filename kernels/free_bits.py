@@ -155,6 +155,7 @@ def free_bits_bwd(grad, kl_dims, mu, logvar, prior_mu, prior_logvar, free_bits, 
     torch._check(tuple(kl_dims.shape) == (mu.shape[1],) and kl_dims.dtype == T.acc_dtype(mu), lambda: (
         f"fastelbo: kl_dims must be [{mu.shape[1]}] {T.acc_dtype(mu)} (free_bits_kl's), got {tuple(kl_dims.shape)} "
         f"{kl_dims.dtype}"))
+    T.check_device(mu, "mu", kl_dims, "kl_dims")
     return launch_kl_grads(_free_bits_bwd_kernel, _free_bits_bwd_tuned, grad, mu, logvar, prior_mu, prior_logvar,
                            output_mask, kl_dims.contiguous(), *T.split_float(free_bits))
 

@@ -202,7 +202,8 @@ def check_iwae_args(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar,
                  lambda: f"fastelbo: z must have Dz = {mu.shape[1]} (mu's), got {z.shape[2]}")
     torch._check(mu.dtype == x.dtype, lambda: f"fastelbo: mu must have dtype {x.dtype}, got {mu.dtype}")
     torch._check(z.dtype == x.dtype, lambda: f"fastelbo: z must have dtype {x.dtype}, got {z.dtype}")
-    torch._check(z.device == x.device, lambda: f"fastelbo: z must be on {x.device}, got {z.device}")
+    T.check_device(x, "x", mu, "mu")
+    T.check_device(x, "x", z, "z")
 
 
 def iwae_fwd(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
@@ -238,6 +239,7 @@ def iwae_bwd(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, pr
         f"fastelbo: grad_log_weights must have shape {tuple(recon.shape[:2])}, got {tuple(c.shape)}"))
     torch._check(c.dtype == T.acc_dtype(x), lambda: f"fastelbo: grad_log_weights must have dtype {T.acc_dtype(x)} "
                  f"(the log-weights'), got {c.dtype}")
+    T.check_device(x, "x", c, "grad_log_weights")
     gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
     want = [bool(m) for m in output_mask[:5]] + [bool(output_mask[5]) and gaussian,
                                                 bool(output_mask[6]) and has_prior, bool(output_mask[7]) and has_prior]

@@ -266,7 +266,7 @@ def triton_bernoulli_log_prob_backward(grad: torch.Tensor, logits: torch.Tensor,
 @T.opaque_under_interpreter("fastelbo::triton_gaussian_log_prob")
 def triton_gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     T.check_like(mean, "mean", x, "x")
-    T.check_obs_logvar(logvar, "logvar", mean)
+    T.check_obs_logvar(logvar, "logvar", mean, "mean")
     return loglik_fwd(mean, x, logvar)
 
 
@@ -275,6 +275,6 @@ def triton_gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar: torch.
 def triton_gaussian_log_prob_backward(grad: torch.Tensor, mean: torch.Tensor, x: torch.Tensor, logvar: torch.Tensor,
                                       output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T.check_like(mean, "mean", x, "x")
-    T.check_obs_logvar(logvar, "logvar", mean)
+    T.check_obs_logvar(logvar, "logvar", mean, "mean")
     d = loglik_bwd(grad, mean, x, logvar, [bool(m) for m in output_mask])
     return d[0], d[1], d[2]

@@ -152,6 +152,7 @@ def rsample_fwd(mu, logvar, seed, eps, num_samples=0):
     torch._check(num_samples >= 0, lambda: f"fastelbo: num_samples must be >= 0 (0: one [B, D] sample), "
                  f"got {num_samples}")
     T.check_like(mu, "mu", logvar, "logvar")
+    T.check_device(mu, "mu", seed, "seed")  # read by the kernels (the CUDA kernels of csrc copy a CPU one over)
     if num_samples == 0:
         T.check_like(mu, "mu", eps, "eps")
     else:
@@ -173,6 +174,7 @@ def rsample_bwd(grad_z, logvar, seed, eps, output_mask):
     torch._check(grad_z.dim() in (2, 3), lambda: f"fastelbo: grad_z must be [B, D] or [K, B, D], got shape "
                  f"{tuple(grad_z.shape)}")
     T.check_like(logvar, "logvar", None, "")
+    T.check_device(logvar, "logvar", seed, "seed")
     if grad_z.dim() == 2:
         T.check_like(logvar, "logvar", grad_z, "grad_z")
         T.check_like(logvar, "logvar", eps, "eps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,7 @@ def unit(*shape):
 MU, LV = mu_lv()
 X, RECON = unit(B, DX), _t(B, DX)
 META = torch.empty(B, DZ, device="meta")
+NAN, INF = float("nan"), float("inf")
 
 
 # (id, callable, exception type, regex the message must match: it names the argument)
@@ -109,6 +111,48 @@ CASES = [
     ("beta-str", lambda: F.elbo(X, RECON, MU, LV, beta="1"), TypeError, r"\bbeta\b"),
     ("beta-bool", lambda: fastelbo.ELBOLoss(beta=True), TypeError, r"\bbeta\b"),
     ("validate-args-type", lambda: fastelbo.set_default_validate_args(1), TypeError, r"validate_args"),
+    ("beta-nan", lambda: F.elbo(X, RECON, MU, LV, beta=NAN), ValueError, r"\bbeta\b.*finite.*nan"),
+    ("beta-inf", lambda: F.elbo(X, RECON, MU, LV, beta=-INF), ValueError, r"\bbeta\b.*finite.*-inf"),
+    ("loss-beta-inf", lambda: fastelbo.ELBOLoss(beta=INF), ValueError, r"\bbeta\b.*finite"),
+    ("loss-beta-numpy-nan", lambda: fastelbo.ELBOLoss(beta=np.float32("nan")), ValueError, r"\bbeta\b.*finite"),
+    # non-finite NUMBERS as priors / log-variances (values inside tensors propagate as NaN, unchecked)
+    ("kl-prior-mu-nan", lambda: F.gaussian_kl(MU, LV, NAN), ValueError, r"\bprior_mu\b.*finite.*nan"),
+    ("kl-prior-lv-ninf", lambda: F.gaussian_kl(MU, LV, None, -INF), ValueError, r"\bprior_logvar\b.*finite.*-inf"),
+    ("kl-prior-huge-int", lambda: F.gaussian_kl(MU, LV, 10**400), ValueError, r"\bprior_mu\b.*finite"),
+    ("free-bits-prior-inf", lambda: F.free_bits_kl(MU, LV, 0.1, INF), ValueError, r"\bprior_mu\b.*finite"),
+    ("elbo-prior-lv-nan", lambda: F.elbo(X, RECON, MU, LV, prior_logvar=NAN), ValueError,
+     r"\bprior_logvar\b.*finite"),
+    ("iwae-prior-mu-ninf", lambda: F.iwae_bound(X, RECON[None], MU[None], MU, LV, prior_mu=-INF), ValueError,
+     r"\bprior_mu\b.*finite"),
+    ("loss-prior-lv-inf", lambda: fastelbo.ELBOLoss()(RECON, X, MU, LV, prior_logvar=INF), ValueError,
+     r"\bprior_logvar\b.*finite"),
+    ("elbo-obs-logvar-nan", lambda: F.elbo(X, RECON, MU, LV, likelihood="gaussian", obs_logvar=NAN), ValueError,
+     r"\bobs_logvar\b.*finite"),
+    ("gaussian-logvar-inf", lambda: F.gaussian_log_prob(RECON, X, INF), ValueError, r"\blogvar\b.*finite"),
+    # validate_args: None or a bool (a string or 0/1 would be read by truthiness)
+    ("validate-args-str", lambda: F.bernoulli_log_prob(RECON, X * 3, validate_args="false"), TypeError,
+     r"validate_args must be a bool or None; got str"),
+    ("validate-args-zero", lambda: F.bernoulli_log_prob(RECON, X * 3, validate_args=0), TypeError,
+     r"validate_args must be a bool or None; got int"),
+    ("elbo-validate-args-int", lambda: F.elbo(X, RECON, MU, LV, validate_args=1), TypeError, r"validate_args.*int"),
+    ("elbo-gaussian-validate-args", lambda: F.elbo(X, RECON, MU, LV, likelihood="gaussian", validate_args="no"),
+     TypeError, r"validate_args.*str"),
+    ("iwae-validate-args", lambda: F.iwae_bound(X, RECON[None], MU[None], MU, LV, validate_args=np.bool_(True)),
+     TypeError, r"validate_args must be a bool or None; got numpy\.bool"),
+    ("loss-validate-args", lambda: fastelbo.ELBOLoss(validate_args="false"), TypeError, r"validate_args.*str"),
+    # ELBOLoss checks every argument it keeps when it is built
+    ("loss-backend-at-construction", lambda: fastelbo.ELBOLoss(backend="nope"), ValueError,
+     r"backend must be one of .*; got 'nope'"),
+    ("loss-bound-name", lambda: fastelbo.ELBOLoss(bound="vimco"), ValueError, r"\bbound\b"),
+    ("loss-free-bits-nan", lambda: fastelbo.ELBOLoss(free_bits=NAN), ValueError, r"\bfree_bits\b"),
+    # num_samples whose z could not be a tensor: K or z's bytes beyond int64
+    ("num-samples-2**63", lambda: F.rsample(MU, LV, num_samples=2**63, seed=0), ValueError,
+     r"num_samples must fit in int64 .*; got 9223372036854775808"),
+    ("num-samples-2**62", lambda: F.rsample(MU, LV, num_samples=2**62, seed=0), ValueError,
+     r"num_samples is too large .*z of shape \[4611686018427387904, 3, 4\]"),
+    ("num-samples-bytes", lambda: F.rsample(MU[:1, :1].double(), LV[:1, :1].double(), num_samples=2**60, seed=0),
+     ValueError, r"num_samples is too large .*z of shape \[1152921504606846976, 1, 1\] \(9223372036854775808 bytes\)"),
+    ("seed-numpy-bool", lambda: F.rsample(MU, LV, seed=np.bool_(True)), TypeError, r"\bseed\b"),
 ]
 
 
@@ -124,6 +168,26 @@ def test_bad_input_message(fn, exc, pattern):
     with pytest.raises(exc) as info:
         fn()
     assert re.search(pattern, str(info.value)), f"message does not name the argument: {info.value!r}"
+
+
+def test_numpy_integer_seeds(fused):
+    """A numpy integer is a seed (num_samples takes them too), the same as the int of its value."""
+    mu, lv, be = MU.to(fused.device), LV.to(fused.device), fused.name
+    assert torch.equal(F.rsample(mu, lv, seed=np.int64(5), backend=be), F.rsample(mu, lv, seed=5, backend=be))
+    top = F.rsample(mu, lv, seed=np.uint64(2**64 - 1), backend=be)  # the same 64 bits as -1
+    assert torch.equal(top, F.rsample(mu, lv, seed=-1, backend=be))
+
+
+def test_num_samples_beyond_memory_names_num_samples(fused):
+    """A z that could be a tensor but cannot be allocated (3.4 PB here, more than any address space):
+    the allocator's error, re-raised as its own type, naming num_samples, z's shape and bytes."""
+    k = 2**46
+    for be in (fused.name, "reference"):
+        with pytest.raises(RuntimeError) as info:
+            F.rsample(MU.to(fused.device), LV.to(fused.device), num_samples=k, seed=0, backend=be)
+        expected = rf"\bnum_samples={k}\b.*\[{k}, {B}, {DZ}\], {k * B * DZ * 4} bytes"
+        assert re.search(expected, str(info.value)), info.value
+        assert info.value.__cause__ is not None, "the allocator's own error is chained"
 
 
 def test_env_backend_name_checked(monkeypatch):

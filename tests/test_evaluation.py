@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,11 +127,21 @@ def test_bernoulli_model_runs_without_gradients():
     ({"K": 0}, ValueError, "K must be an int >= 1"),
     ({"K": 2.5}, ValueError, "K must be an int >= 1"),
     ({"K": 4, "chunk_size": 0}, ValueError, "chunk_size must be an int >= 1"),
+    ({"K": 2**63, "chunk_size": 2**63}, ValueError, r"K must be an int >= 1 and < 2\*\*63"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     model = LinearGaussian()
     with pytest.raises(exc, match=match):
         fastelbo.estimate_log_likelihood(model, _data(model, B=2), likelihood="gaussian", **kwargs)
+
+
+def test_numpy_integer_seed():
+    """A numpy integer seed is the seed of its value (as K and num_samples take numpy integers)."""
+    model = LinearGaussian(shift=0.3)
+    x = _data(model, B=4)
+    kw = dict(K=5, likelihood="gaussian", obs_logvar=math.log(model.sigma2), backend="reference")
+    torch.testing.assert_close(fastelbo.estimate_log_likelihood(model, x, seed=np.int64(3), **kw),
+                               fastelbo.estimate_log_likelihood(model, x, seed=3, **kw), rtol=0, atol=0)
 
 
 def test_model_fn_must_encode_and_decode():

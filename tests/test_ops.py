@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -274,3 +276,70 @@ def test_every_registered_op_is_opchecked():
     missing = registered - covered
     assert not missing, f"fastelbo:: ops without opcheck coverage: {sorted(missing)}"
     assert set(OPS) <= registered, f"ops listed but not registered: {sorted(set(OPS) - registered)}"
+
+
+# ---------------------------------------------------------------------------
+# Mixed devices: a direct op call refuses them, naming the argument and both devices
+# ---------------------------------------------------------------------------
+def _other_devices(device: str) -> list[str]:
+    """Devices to mix into a call on `device`: meta always (its key outranks every backend's, so the
+    call goes to the fake kernel), the CPU too where the tensors live on a GPU (the GPU kernel runs)."""
+    return ["meta"] + (["cpu"] if torch.device(device).type != "cpu" else [])
+
+
+def _assert_refused(call, args, moved: int, names, device: str, other: str):
+    """call(*args) with args[moved] (alone, or all but it) on `other` raises an error that names
+    argument `moved` and both device types; only a CPU seed may be taken (the CUDA kernels copy it),
+    and then every result is on the device of the other tensors."""
+    name = names[moved]
+    try:
+        out = call(*args)
+    except (RuntimeError, ValueError, TypeError) as e:
+        msg = str(e).lower()
+        assert re.search(rf"\b{name}\b", msg), f"the error does not name {name}: {e!r}"
+        for dev in {torch.device(device).type, torch.device(other).type}:
+            assert dev in msg, f"the error does not name device {dev}: {e!r}"
+        return
+    seed_on_cpu = name == "seed" and args[moved].device.type == "cpu"
+    assert seed_on_cpu, f"{name} on {args[moved].device} mixed with tensors on other devices was accepted"
+    rest = {a.device for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i != moved}
+    outs = out if isinstance(out, tuple) else (out,)
+    assert {o.device for o in outs} <= rest, f"results on {[o.device for o in outs]}, inputs on {rest}"
+
+
+@pytest.mark.parametrize("backend,op", _op_params())
+def test_mixed_devices_are_refused(backend, op):
+    """Each tensor argument on another device than the rest, and the rest on another device than it.
+    (A meta tensor among CPU ones used to reach the fake kernel, which handed back uninitialized CPU
+    memory.)"""
+    target = _resolve_op(backend, op)
+    names = [a.name for a in target._schema.arguments]
+    for other in _other_devices(backend.device):
+        for args in sample_inputs(op, backend.device, False):
+            tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            for i in tensors if len(tensors) > 1 else ():
+                for moved in ([i], [j for j in tensors if j != i]):
+                    mixed = [a.to(other) if j in moved else a for j, a in enumerate(args)]
+                    _assert_refused(target, mixed, i, names, backend.device, other)
+
+
+def _cpu_key_params():
+    return [p for p in _op_params() if p.values[0].name in ("cpu", "cuda-emulated")]
+
+
+@pytest.mark.parametrize("backend,op", _cpu_key_params())
+def test_cpu_key_kernels_check_devices(backend, op):
+    """The C++ kernels of the CPU key (csrc/cpu, and the CUDA kernels on the emulation) check devices
+    themselves: called past the fake kernel with an explicit dispatch key, a meta tensor among CPU ones
+    is refused before anything is read."""
+    target = _resolve_op(backend, op)
+    names = [a.name for a in target._schema.arguments]
+    cpu_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    for args in sample_inputs(op, "cpu", False):
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                mixed = [t.to("meta") if j == i else t for j, t in enumerate(args)]
+                with pytest.raises(RuntimeError) as info:
+                    target.redispatch(cpu_key, *mixed)
+                msg = str(info.value).lower()
+                assert re.search(rf"\b{names[i]}\b", msg) and "cpu" in msg and "meta" in msg, info.value

@@ -29,17 +29,32 @@ inline void check_x_in_unit_interval(bool out_of_range) {
                     "(pass validate_args=False to skip this check)");
 }
 
+// b must be on a's device. The dispatcher runs the kernel of the highest-priority backend
+// among the inputs (Meta, CUDA, ... above CPU), so the CUDA kernels meet CPU tensors mixed
+// into a direct call, and any kernel meets foreign ones when called with an explicit
+// dispatch key (a meta tensor mixed in goes to the fake kernel, which checks the same).
+inline void check_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(b.device() == a.device(), "fastelbo: ", bn, " must be on ", a.device(), " like ", an, ", got ",
+              b.device());
+}
+
+// The CPU kernels read their operands on the host; the other operands are checked against this one.
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastelbo: ", name, " must be on cpu for the CPU kernels, got ", t.device());
+}
+
 inline void check_2d(const at::Tensor& a, const char* name) {
   TORCH_CHECK(a.dim() == 2, "fastelbo: ", name, " must be 2-D [B, D], got shape ", a.sizes());
   TORCH_CHECK(at::isFloatingType(a.scalar_type()), "fastelbo: ", name, " must be floating point, got ", a.scalar_type());
 }
 
-// b must match a in shape and dtype (broadcast operands arrive already expanded).
+// b must match a in shape, dtype and device (broadcast operands arrive already expanded).
 inline void check_like(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
   check_2d(a, an);
   TORCH_CHECK(a.sizes() == b.sizes(), "fastelbo: ", bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fastelbo: ", bn, " must have dtype ", a.scalar_type(), ", got ",
               b.scalar_type());
+  check_device(a, an, b, bn);
 }
 
 inline void check_like(const at::Tensor& a, const char* an, const std::optional<at::Tensor>& b, const char* bn) {
@@ -53,6 +68,7 @@ inline void check_row_grad(const std::optional<at::Tensor>& g, const char* name,
               "], got ", g->sizes());
   TORCH_CHECK(g->scalar_type() == like.scalar_type(), "fastelbo: ", name, " must have dtype ", like.scalar_type(),
               ", got ", g->scalar_type());
+  check_device(like, "the other operands", *g, name);
 }
 
 inline void check_prior(const std::optional<at::Tensor>& pmu, const std::optional<at::Tensor>& plv) {
@@ -69,9 +85,11 @@ inline void check_kl_args(const at::Tensor& mu, const at::Tensor& logvar, const 
   check_prior(prior_mu, prior_logvar);
 }
 
-inline void check_dtype(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+// b must have a's dtype and device (any shape).
+inline void check_kind(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fastelbo: ", bn, " must have dtype ", a.scalar_type(), " (that of ",
               an, "), got ", b.scalar_type());
+  check_device(a, an, b, bn);
 }
 
 // A per-sample operand: [K, B, D] whose [B, D] matches `like` (allow_2d: or [B, D]
@@ -86,15 +104,23 @@ inline int64_t check_samples(const at::Tensor& t, const char* tn, const at::Tens
               "), got ", t.size(o), " (shape ", t.sizes(), ")");
   TORCH_CHECK(t.size(o + 1) == like.size(1), "fastelbo: ", tn, " must have the feature size of ", ln, " (",
               like.size(1), "), got ", t.size(o + 1), " (shape ", t.sizes(), ")");
-  check_dtype(like, ln, t, tn);
+  check_kind(like, ln, t, tn);
   return o ? t.size(0) : 1;
 }
 
+// The seed tensor: on the operands' device, or on the CPU (the CUDA kernels copy it over, as torch
+// takes CPU scalars); its value is checked where it is read (eps given: never).
+inline void check_seed_device(const at::Tensor& seed, const at::Tensor& like, const char* ln) {
+  TORCH_CHECK(seed.device() == like.device() || seed.device().is_cpu(), "fastelbo: seed must be on ", like.device(),
+              " like ", ln, " (or on cpu), got ", seed.device());
+}
+
 // rsample: mu, logvar [B, Dz]; eps (given) [B, Dz] for num_samples = 0, else [K, B, Dz]. Returns K >= 1.
-inline int64_t check_rsample_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
-                                  int64_t num_samples) {
+inline int64_t check_rsample_args(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
+                                  const std::optional<at::Tensor>& eps, int64_t num_samples) {
   TORCH_CHECK(num_samples >= 0, "fastelbo: num_samples must be >= 0, got ", num_samples);
   check_like(mu, "mu", logvar, "logvar");
+  check_seed_device(seed, mu, "mu");
   const int64_t K = num_samples > 0 ? num_samples : 1;
   if (num_samples == 0) {
     check_like(mu, "mu", eps, "eps");
@@ -106,14 +132,15 @@ inline int64_t check_rsample_args(const at::Tensor& mu, const at::Tensor& logvar
 }
 
 // rsample_backward: grad_z [B, Dz] or [K, B, Dz] against logvar [B, Dz]; eps (given) of grad_z's shape. Returns K.
-inline int64_t check_rsample_backward_args(const at::Tensor& grad_z, const at::Tensor& logvar,
+inline int64_t check_rsample_backward_args(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed,
                                            const std::optional<at::Tensor>& eps) {
   check_2d(logvar, "logvar");
   const int64_t K = check_samples(grad_z, "grad_z", logvar, "logvar", true);
+  check_seed_device(seed, logvar, "logvar");
   if (eps.has_value()) {
     TORCH_CHECK(eps->sizes() == grad_z.sizes(), "fastelbo: eps must have the shape of grad_z ", grad_z.sizes(),
                 ", got ", eps->sizes());
-    check_dtype(grad_z, "grad_z", *eps, "eps");
+    check_kind(grad_z, "grad_z", *eps, "eps");
   }
   return K;
 }
@@ -123,7 +150,7 @@ inline void check_row_or_feature(const at::Tensor& like, const char* ln, const a
   TORCH_CHECK(s.dim() == 2 && s.size(1) == like.size(1) && (s.size(0) == 1 || s.size(0) == like.size(0)),
               "fastelbo: ", sn, " must be [1, ", like.size(1), "] (per feature) or [", like.size(0), ", ",
               like.size(1), "] (per row), got shape ", s.sizes());
-  check_dtype(like, ln, s, sn);
+  check_kind(like, ln, s, sn);
 }
 
 // gaussian_log_prob(_backward): mean, x [B, Dx]; logvar [1, Dx] or [B, Dx].
@@ -153,7 +180,7 @@ inline int64_t check_elbo_shapes(const at::Tensor& x, const at::Tensor& recon, c
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   TORCH_CHECK(mu.size(0) == x.size(0), "fastelbo: mu must have the batch size of x (", x.size(0), "), got ",
               mu.size(0));
-  check_dtype(x, "x", mu, "mu");
+  check_kind(x, "x", mu, "mu");
   return K;
 }
 
@@ -175,7 +202,7 @@ inline int64_t check_iwae_shapes(const at::Tensor& x, const at::Tensor& recon, c
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   TORCH_CHECK(mu.size(0) == x.size(0), "fastelbo: mu must have the batch size of x (", x.size(0), "), got ",
               mu.size(0));
-  check_dtype(x, "x", mu, "mu");
+  check_kind(x, "x", mu, "mu");
   TORCH_CHECK(z.dim() == 3, "fastelbo: z must be [K, B, Dz], got shape ", z.sizes());
   TORCH_CHECK(z.size(0) == K, "fastelbo: K mismatch between z and recon: z has ", z.size(0), " samples, recon ", K);
   TORCH_CHECK(z.size(2) == mu.size(1), "fastelbo: z must have the Dz of mu (", mu.size(1), "), got ", z.size(2));
@@ -199,6 +226,7 @@ inline void check_free_bits_backward(const at::Tensor& kl_dims, const at::Tensor
               mu.size(1), "], got ", kl_dims.sizes());
   TORCH_CHECK(kl_dims.scalar_type() == acc, "fastelbo: kl_dims must have dtype ", acc, ", got ",
               kl_dims.scalar_type());
+  check_device(mu, "mu", kl_dims, "kl_dims");
 }
 
 // grad_log_weights of iwae_bound_backward: [K, B] in the accumulation dtype of x (that of log_weights).
@@ -210,6 +238,7 @@ inline void check_log_weights_grad(const at::Tensor& grad_log_weights, int64_t K
               grad_log_weights.sizes());
   TORCH_CHECK(grad_log_weights.scalar_type() == acc, "fastelbo: grad_log_weights must have dtype ", acc,
               " (the accumulation dtype of ", x.scalar_type(), "), got ", grad_log_weights.scalar_type());
+  check_device(x, "x", grad_log_weights, "grad_log_weights");
 }
 
 // Result of a gradient the caller did not ask for.

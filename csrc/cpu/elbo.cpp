@@ -27,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_cpu(const at::Tensor& x, con
   const Likelihood kind = parse_likelihood<Likelihood>(likelihood);
   const int64_t K =
       check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind == Likelihood::kGaussian);
+  check_cpu(x, "x");
   auto elbo = row_result(x), ll = row_result(x), kl = row_result(x);
   std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastelbo_elbo_cpu", [&] {
@@ -62,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool gaussian = kind == Likelihood::kGaussian, has_prior = prior_mu.has_value();
   const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
   check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);
+  check_cpu(x, "x");
   std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior);
   const int64_t B = x.size(0), Dx = x.size(1);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.

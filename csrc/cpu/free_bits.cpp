@@ -100,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor> free_bits_kl_cpu(const at::Tensor& mu, const 
                                                     const std::optional<at::Tensor>& prior_logvar, double free_bits) {
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_free_bits(free_bits);
+  check_cpu(mu, "mu");
   const int64_t B = mu.size(0), Dz = mu.size(1);
   auto kl = row_result(mu);
   auto kl_dims = at::empty({Dz}, mu.options().dtype(acc_dtype(mu.scalar_type()))
@@ -137,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> free_bits_kl_backward
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
   check_free_bits_backward(kl_dims, mu, free_bits);
+  check_cpu(mu, "mu");
   const bool has_prior = prior_mu.has_value();
   std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_free_bits_kl_backward_cpu", [&] {

@@ -48,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor> iwae_bound_cpu(const at::Tensor& x, const at:
   const Likelihood kind = parse_likelihood<Likelihood>(likelihood);
   const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar,
                                       kind == Likelihood::kGaussian);
+  check_cpu(x, "x");
   const int64_t B = x.size(0);
   auto bound = row_result(x);
   auto log_weights = at::empty({K, B}, x.options().dtype(acc_dtype(x.scalar_type()))
@@ -85,6 +86,7 @@ iwae_bound_backward_cpu(const at::Tensor& grad_log_weights, const at::Tensor& x,
   const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
   const int64_t B = x.size(0), Dx = x.size(1), Dz = mu.size(1);
   check_log_weights_grad(grad_log_weights, K, x);
+  check_cpu(x, "x");
   std::array<at::Tensor, 8> d = iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
   const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;

@@ -11,6 +11,7 @@ namespace cpu {
 at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                            const std::optional<at::Tensor>& prior_logvar) {
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
+  check_cpu(mu, "mu");
   auto kl = row_result(mu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_cpu", [&] {
     const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
@@ -27,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
     const std::optional<at::Tensor>& prior_logvar, std::array<bool, 4> output_mask) {
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
+  check_cpu(mu, "mu");
   const bool has_prior = prior_mu.has_value();
   std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_backward_cpu", [&] {

@@ -62,12 +62,14 @@ std::array<at::Tensor, 3> loglik_backward(Likelihood kind, const at::Tensor& gra
 
 at::Tensor bernoulli_log_prob_cpu(const at::Tensor& logits, const at::Tensor& x, bool validate_x) {
   check_like(logits, "logits", x, "x");
+  check_cpu(logits, "logits");
   return loglik_forward(Likelihood::kBernoulli, logits, x, std::nullopt, validate_x);
 }
 
 std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                                                    const at::Tensor& x, std::array<bool, 2> output_mask) {
   check_like(logits, "logits", x, "x");
+  check_cpu(logits, "logits");
   auto d = loglik_backward(Likelihood::kBernoulli, grad, logits, x, std::nullopt,
                            {output_mask[0], output_mask[1], false});
   return {d[0], d[1]};
@@ -75,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward_cpu(const at::Ten
 
 at::Tensor gaussian_log_prob_cpu(const at::Tensor& mean, const at::Tensor& x, const at::Tensor& logvar) {
   check_gaussian_args(mean, x, logvar);
+  check_cpu(mean, "mean");
   return loglik_forward(Likelihood::kGaussian, mean, x, logvar, false);
 }
 
@@ -84,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward_cpu(co
                                                                               const at::Tensor& logvar,
                                                                               std::array<bool, 3> output_mask) {
   check_gaussian_args(mean, x, logvar);
+  check_cpu(mean, "mean");
   auto d = loglik_backward(Likelihood::kGaussian, grad, mean, x, logvar, output_mask);
   return {d[0], d[1], d[2]};
 }

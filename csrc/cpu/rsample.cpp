@@ -130,7 +130,8 @@ void parallel_chunks(const Span& span, int64_t samples, F f) {
 // num_samples = 0: z [B, Dz]; K = num_samples >= 1: z [K, B, Dz], z[k] = mu + e^(lv/2) * eps[k].
 at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
                        const std::optional<at::Tensor>& eps, int64_t num_samples) {
-  const int64_t K = check_rsample_args(mu, logvar, eps, num_samples);
+  const int64_t K = check_rsample_args(mu, logvar, seed, eps, num_samples);
+  check_cpu(mu, "mu");  // and so the seed (mu's device or the CPU)
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples > 0) shape.insert(shape.begin(), num_samples);
   auto z = empty_result(shape, mu.options());
@@ -163,7 +164,8 @@ at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at:
 std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z, const at::Tensor& logvar,
                                                         const at::Tensor& seed, const std::optional<at::Tensor>& eps,
                                                         std::array<bool, 2> output_mask) {
-  const int64_t K = check_rsample_backward_args(grad_z, logvar, eps);
+  const int64_t K = check_rsample_backward_args(grad_z, logvar, seed, eps);
+  check_cpu(logvar, "logvar");
   auto dlv = grad_or_empty(output_mask[0], logvar);
   auto deps = grad_or_empty(output_mask[1], grad_z);
   if (logvar.numel() == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
@@ -212,6 +214,7 @@ std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z
 // logical elements [0, n) in the given floating dtype.
 at::Tensor philox_noise_cpu(const at::Tensor& seed, int64_t n, bool normal, at::ScalarType dtype) {
   TORCH_CHECK(n >= 0, "fastelbo: n must be >= 0, got ", n);
+  check_cpu(seed, "seed");
   const uint64_t s = seed_value(seed);
   auto out = at::empty({n}, at::TensorOptions().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "fastelbo_philox_noise_cpu", [&] {
