@@ -278,7 +278,7 @@ def check_device(a: torch.Tensor, an: str, b: torch.Tensor, bn: str) -> None:
 
 
 def check_like(a: torch.Tensor, an: str, b: torch.Tensor | None, bn: str) -> None:
-    """b (when given) has a's shape and dtype; a is a 2-D floating tensor (as csrc/cpu/checks.h)."""
+    """b (when given) has a's shape and dtype; a is a 2-D floating tensor (as csrc/checks.h)."""
     torch._check(a.dim() == 2, lambda: f"fastelbo: {an} must be 2-D [B, D], got shape {tuple(a.shape)}")
     torch._check(a.dtype in _DTYPES, lambda: f"fastelbo: {an} must be float16, bfloat16, float32 or float64, "
                  f"got {a.dtype}")

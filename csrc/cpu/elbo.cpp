@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
   check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);
   check_cpu(x, "x");
-  std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior);
+  std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior, empty_result);
   const int64_t B = x.size(0), Dx = x.size(1);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
   const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;

@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> free_bits_kl_backward
   check_free_bits_backward(kl_dims, mu, free_bits);
   check_cpu(mu, "mu");
   const bool has_prior = prior_mu.has_value();
-  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
+  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior, empty_result);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_free_bits_kl_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);

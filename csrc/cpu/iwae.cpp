@@ -87,7 +87,8 @@ iwae_bound_backward_cpu(const at::Tensor& grad_log_weights, const at::Tensor& x,
   const int64_t B = x.size(0), Dx = x.size(1), Dz = mu.size(1);
   check_log_weights_grad(grad_log_weights, K, x);
   check_cpu(x, "x");
-  std::array<at::Tensor, 8> d = iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior);
+  std::array<at::Tensor, 8> d =
+      iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior, empty_result);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
   const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastelbo_iwae_bound_backward_cpu", [&] {

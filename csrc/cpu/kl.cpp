@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   check_row_grad(grad, "grad", mu);
   check_cpu(mu, "mu");
   const bool has_prior = prior_mu.has_value();
-  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
+  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior, empty_result);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_backward_cpu", [&] {
     const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
     latent_backward_rows<scalar_t>(term, row_scalar<scalar_t>(grad), d, mu.size(0), term.cols);

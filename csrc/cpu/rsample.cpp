@@ -13,7 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#include "checks.h"
+#include "ops.h"
 #include "philox_vec.h"
 #include "rows.h"
 
@@ -166,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z
                                                         std::array<bool, 2> output_mask) {
   const int64_t K = check_rsample_backward_args(grad_z, logvar, seed, eps);
   check_cpu(logvar, "logvar");
-  auto dlv = grad_or_empty(output_mask[0], logvar);
-  auto deps = grad_or_empty(output_mask[1], grad_z);
+  auto dlv = grad_or_empty(output_mask[0], logvar, empty_result);
+  auto deps = grad_or_empty(output_mask[1], grad_z, empty_result);
   if (logvar.numel() == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
   if (K == 0) {
     if (output_mask[0]) dlv.zero_();

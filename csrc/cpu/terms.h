@@ -3,7 +3,7 @@
 // Used alone by kl.cpp and loglik.cpp and together by elbo.cpp.
 #pragma once
 
-#include "checks.h"
+#include "ops.h"
 #include "half_tables.h"
 #include "rows.h"
 
@@ -198,11 +198,6 @@ struct LogPQTerm {
                          });
   }
 };
-
-// Per-row results are written in the rows' dtype.
-inline at::Tensor row_result(const at::Tensor& like) {
-  return at::empty({like.size(0)}, like.options().memory_format(at::MemoryFormat::Contiguous));
-}
 
 }  // namespace cpu
 }  // namespace fastelbo
