@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from ._autocast import AUTOCAST_DTYPES
+from ._dtypes import AUTOCAST_DTYPES
 
 _VALIDATE_ARGS = True
 

@@ -19,6 +19,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 from . import _philox
+from ._dtypes import acc_dtype
 from ._seed import seed_tensor
 from ._validate import unit_interval
 
@@ -204,16 +205,12 @@ class _ReferenceOps:
             unit_interval(x)
         lw = iwae_log_weights(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
                               prior_mu=prior_mu, prior_logvar=prior_logvar)
-        return torch.logsumexp(lw, dim=0) - math.log(lw.shape[0]), lw.to(_acc(lw.dtype))
+        return torch.logsumexp(lw, dim=0) - math.log(lw.shape[0]), lw.to(acc_dtype(lw.dtype))
 
     @staticmethod
     def free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits):
         kl_dims = _kl_elements(mu, logvar, prior_mu, prior_logvar).mean(0)
-        return free_bits_kl(mu, logvar, free_bits, prior_mu, prior_logvar), kl_dims.detach().to(_acc(mu.dtype))
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+        return free_bits_kl(mu, logvar, free_bits, prior_mu, prior_logvar), kl_dims.detach().to(acc_dtype(mu.dtype))
 
 
 OPS = _ReferenceOps()
