@@ -208,7 +208,7 @@ inline int64_t check_iwae_shapes(const at::Tensor& x, const at::Tensor& recon, c
   return K;
 }
 
-// The accumulation dtype of a floating dtype (docs/design.md, "Numerics"): float64 for float64, else float32.
+// The accumulation dtype of a floating dtype (docs/design.md §2): float64 for float64, else float32.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_free_bits(double free_bits) {

@@ -1,4 +1,4 @@
-// The fused ELBO on the CPU (DESIGN §1 row 6): per row, one pass over
+// The fused ELBO on the CPU (docs/design.md §1): per row, one pass over
 // [recon, x] for log p(x|z) and one over [mu, logvar] for KL, in one launch;
 // elbo = loglik - beta * KL. With recon [K, B, Dx] (K decoded samples, x shared)
 // the log-likelihood is the sample average, loglik[b] = (1/K) sum_k ll(recon[k, b], x[b]),

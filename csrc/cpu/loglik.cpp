@@ -1,4 +1,4 @@
-// Bernoulli and Gaussian log-likelihood on the CPU (DESIGN §1 rows 4-5):
+// Bernoulli and Gaussian log-likelihood on the CPU (docs/design.md §1):
 // LogLikTerm in terms.h, one row per iteration.
 #include <ATen/Dispatch.h>
 

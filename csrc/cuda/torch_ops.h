@@ -135,6 +135,21 @@ template <class Device>
 struct Ops {
   using Guard = typename Device::Guard;
 
+  // The forward of a per-row op over `like` [rows, cols]: under like's device, a [rows] result, and
+  // launch(rows, cols, result, workspace, sms) unless the batch is empty.
+  template <class Launch>
+  static at::Tensor row_forward(const at::Tensor& like, Launch launch) {
+    const Guard guard(like);
+    auto out = row_result(like);
+    const int64_t rows = like.size(0), cols = like.size(1);
+    if (rows == 0) return out;
+    const int sms = Device::num_sms(like);
+    auto ws = workspace(like, rows, cols, 0, sms);
+    launch(rows, cols, ptr(out), ptr(ws), sms);
+    Device::launched();
+    return out;
+  }
+
   // ---------------------------------------------------------------------------
   // rsample, philox_noise
   // ---------------------------------------------------------------------------
@@ -205,16 +220,10 @@ struct Ops {
     check_kl_args(mu, logvar, prior_mu, prior_logvar);
     const Opt lv(logvar);
     Device::check(mu, "mu", {{&lv, "logvar"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
-    const Guard guard(mu);
-    auto kl = row_result(mu);
-    const int64_t rows = mu.size(0), cols = mu.size(1);
-    if (rows == 0) return kl;
-    const int sms = Device::num_sms(mu);
-    auto ws = workspace(mu, rows, cols, 0, sms);
-    cuda::gaussian_kl_forward(dtype_of(mu.scalar_type()), rows, cols, mat(mu), mat(logvar), mat(prior_mu),
-                              mat(prior_logvar), ptr(kl), ptr(ws), sms, Device::stream());
-    Device::launched();
-    return kl;
+    return row_forward(mu, [&](int64_t rows, int64_t cols, void* kl, void* ws, int sms) {
+      cuda::gaussian_kl_forward(dtype_of(mu.scalar_type()), rows, cols, mat(mu), mat(logvar), mat(prior_mu),
+                                mat(prior_logvar), kl, ws, sms, Device::stream());
+    });
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
@@ -294,16 +303,12 @@ struct Ops {
     check_like(logits, "logits", x, "x");
     const Opt xx(x);
     Device::check(logits, "logits", {{&xx, "x"}});
-    const Guard guard(logits);
-    auto ll = row_result(logits);
-    const int64_t rows = logits.size(0), cols = logits.size(1);
-    if (rows == 0) return ll;
-    const int sms = Device::num_sms(logits);
-    auto ws = workspace(logits, rows, cols, 0, sms);
-    const auto flag = x_range_flag(validate_x, logits);
-    cuda::bernoulli_log_prob_forward(dtype_of(logits.scalar_type()), rows, cols, mat(logits), mat(x), ptr(ll),
-                                     flag_ptr(flag), ptr(ws), sms, Device::stream());
-    Device::launched();
+    at::Tensor flag;
+    auto ll = row_forward(logits, [&](int64_t rows, int64_t cols, void* out, void* ws, int sms) {
+      flag = x_range_flag(validate_x, logits);
+      cuda::bernoulli_log_prob_forward(dtype_of(logits.scalar_type()), rows, cols, mat(logits), mat(x), out,
+                                       flag_ptr(flag), ws, sms, Device::stream());
+    });
     check_x_flag(flag);
     return ll;
   }
@@ -331,16 +336,10 @@ struct Ops {
     check_gaussian_args(mean, x, logvar);
     const Opt xx(x), lv(logvar);
     Device::check(mean, "mean", {{&xx, "x"}, {&lv, "logvar"}});
-    const Guard guard(mean);
-    auto ll = row_result(mean);
-    const int64_t rows = mean.size(0), cols = mean.size(1);
-    if (rows == 0) return ll;
-    const int sms = Device::num_sms(mean);
-    auto ws = workspace(mean, rows, cols, 0, sms);
-    cuda::gaussian_log_prob_forward(dtype_of(mean.scalar_type()), rows, cols, mat(mean), mat(x), mat(logvar),
-                                    ptr(ll), ptr(ws), sms, Device::stream());
-    Device::launched();
-    return ll;
+    return row_forward(mean, [&](int64_t rows, int64_t cols, void* ll, void* ws, int sms) {
+      cuda::gaussian_log_prob_forward(dtype_of(mean.scalar_type()), rows, cols, mat(mean), mat(x), mat(logvar), ll,
+                                      ws, sms, Device::stream());
+    });
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(const at::Tensor& grad,
