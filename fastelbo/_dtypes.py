@@ -1,4 +1,4 @@
-"""The dtype rules every layer shares, once (docs/design.md, "Numerics"): the dtypes the ops take,
+"""The dtype rules every layer shares, once (docs/design.md §2): the dtypes the ops take,
 the accumulation dtype of each, and the dtypes torch.autocast may mix. A leaf module: torch only,
 so the reference, the registry and the kernels can all import it."""
 

@@ -16,7 +16,7 @@ The op-level shape contract (the Python API normalizes to it; kernels check it):
 
   rsample           mu, logvar [B, Dz]; num_samples = 0: z [B, Dz]; K >= 1: z [K, B, Dz],
                     z[k, b, j] = mu[b, j] + e^(lv[b, j] / 2) * eps[k, b, j], eps of logical
-                    element n = (k * B + b) * Dz + j (DESIGN §2); eps, when given, has z's shape.
+                    element n = (k * B + b) * Dz + j (docs/design.md §3); eps, when given, has z's shape.
   rsample_backward  grad_z [B, Dz] or [K, B, Dz] (K from its rank); dlogvar [B, Dz] summed
                     over k; deps of grad_z's shape (dmu = grad_z summed over k, in the glue).
   obs_logvar / gaussian_log_prob's logvar

@@ -1,4 +1,4 @@
-"""The noise of DESIGN §2 in plain torch: the reference the kernels are held to.
+"""The noise of docs/design.md §3 in plain torch: the reference the kernels are held to.
 
 Element n of a sampled tensor (row-major) is lane n % 4 of the four normals
 that Philox4x32-10 gives for counter group n // 4, exactly as Triton's

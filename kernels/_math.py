@@ -1,6 +1,6 @@
 """The per-element math and the noise of the Triton kernels, @triton.jit: the Triton twin of
 csrc/fastelbo_math.h, formula for formula under the same names where the C++ has one, and the
-contract of docs/design.md (the math table, "Noise"). Every value is in the accumulation type
+contract of docs/design.md (§1 the math, §3 noise). Every value is in the accumulation type
 (acc: float64 for float64 kernels, FP64 constexpr; float32 otherwise). Nothing here touches memory:
 the loads and stores are _tiles.py's.
 """
@@ -27,7 +27,7 @@ def acc(x, FP64: tl.constexpr):
 
 # ---------------------------------------------------------------------------
 # Noise: Philox4x32-10 as tl.rand4x, Box-Muller in the accumulation type (fastelbo_math.h philox4x32_10,
-# box_muller, normal_at; docs/design.md, "Noise")
+# box_muller, normal_at; docs/design.md §3)
 # ---------------------------------------------------------------------------
 @triton.jit
 def box_muller(u0, u1):
@@ -57,7 +57,7 @@ def _flat_lanes(n0, n1, n2, n3):
 @triton.jit
 def normals(seed, groups, FP64: tl.constexpr):
     """eps of the 4 * G logical elements of counter groups `groups` ([G], int64, consecutive),
-    flat and in element order: lane l of group g is element 4g + l (DESIGN §2). Uniforms are
+    flat and in element order: lane l of group g is element 4g + l (docs/design.md §3). Uniforms are
     exact float32 (tl.rand4x); Box-Muller runs in the accumulation type, so for float32 this
     is tl.randn4x."""
     n0, n1, n2, n3 = _normal_lanes(seed, groups, FP64)

@@ -1,4 +1,4 @@
-"""The fused ELBO (docs/design.md, the math table), Triton: per row, log p(x | recon) over Dx and
+"""The fused ELBO (docs/design.md §1), Triton: per row, log p(x | recon) over Dx and
 KL(q || p) over Dz in ONE launch, elbo = loglik - beta * KL; the backward is one
 launch too, the upstream gradients of (elbo, loglik, kl) folded into one scale
 per term (csrc/cpu/elbo.cpp):

@@ -1,4 +1,4 @@
-"""The importance-weighted bound (IWAE, Burda et al. 2016; docs/design.md, the math table), Triton; reference:
+"""The importance-weighted bound (IWAE, Burda et al. 2016; docs/design.md §1), Triton; reference:
 fastelbo.reference.iwae_log_weights / iwae_bound:
     log w[k, b] = ll(recon[k, b], x[b]) + sum_j log p(z[k, b, j]) - log q(z[k, b, j] | x[b])
     bound[b]    = logsumexp_k log w[k, b] - log K

@@ -1,4 +1,4 @@
-"""Gaussian KL of q = N(mu, e^lv) to N(0, I) or to N(pmu, e^plv) (docs/design.md, the math table), Triton
+"""Gaussian KL of q = N(mu, e^lv) to N(0, I) or to N(pmu, e^plv) (docs/design.md §1), Triton
 (the per-element formulas: _math.kl_element / kl_element_grad):
     forward   0.5 * sum(e^lv + mu^2 - 1 - lv)                                 (fastelbo_math.h kl_std)
               0.5 * sum(plv - lv + e^(lv - plv) + (mu - pmu)^2 e^-plv - 1)    (kl_normal)

@@ -1,4 +1,4 @@
-"""Bernoulli and Gaussian log-likelihood per row (docs/design.md, the math table), Triton (the per-element
+"""Bernoulli and Gaussian log-likelihood per row (docs/design.md §1), Triton (the per-element
 formulas: _math.bernoulli_element, gaussian_element and their _grad):
     Bernoulli, logits l, x in [0, 1], t = e^-|l|   (fastelbo_math.h bernoulli_ll / bernoulli_ll_grad)
         forward   sum(x l - softplus(l)) = -sum((1 - x) l + max(-l, 0) + log1p(t))

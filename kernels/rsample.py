@@ -1,4 +1,4 @@
-"""Reparameterized sample (docs/design.md, the math table and "Noise"), Triton:
+"""Reparameterized sample (docs/design.md §1, §3), Triton:
     forward   z[k] = mu + e^(lv/2) * eps[k]                  (fastelbo_math.h reparam)
     backward  deps[k] = g[k] * e^(lv/2), dlv = (sum_k g[k] * eps[k]) * e^(lv/2) / 2
                                                              (reparam_*_grad; dmu = sum_k g[k] needs no kernel)

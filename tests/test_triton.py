@@ -43,7 +43,7 @@ def _t(shape, gen, lo=-2.0, hi=2.0, dtype=torch.float32):
 
 
 # ---------------------------------------------------------------------------
-# Same noise as the C++ kernels (DESIGN §2).
+# Same noise as the C++ kernels (docs/design.md §3).
 # ---------------------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
