@@ -1,0 +1,179 @@
+"""A/B timing of two builds on the same machine in the same run (``fastelbo
+bench --against REV``): no baseline file, no CPU-model match.
+
+Each side runs in its own worker process (ab_sides, ab_worker); the parent
+prepares one case at a time on both (inputs, warm-up), fixes the calls per
+round from side A (a round lasts at least min_round_s), then runs ABBA blocks:
+a round is one untimed call followed by `iters` timed calls in one worker
+while the other waits. The verdict per case comes from ab_stats (a sign test
+on the paired log-ratios, family-wise confidence over the cases). The run
+fails only for a case that is significantly slower *and* whose ratio
+exceeds 1 + threshold.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+
+from . import ab_stats as S
+from .ab_sides import Side, SideError, WorkerProcess, call_both
+
+SCHEMA = "fastelbo-ab/1"
+DEFAULT_THRESHOLD = 0.10
+DEFAULT_PAIRS = 30
+DEFAULT_MIN_ROUND_S = 0.01
+DEFAULT_ALPHA = 0.05
+
+
+def case_items(case_list, backend: str, device: str = "cpu") -> list[dict]:
+    """fastelbo's bench cases as A/B items (one fastelbo backend per item)."""
+    return [{"key": f"{c.key}/{backend}", "prepare": {"case": c.key, "backend": backend, "device": device}}
+            for c in case_list]
+
+
+def workload_items(names: list[str]) -> list[dict]:
+    return [{"key": n, "prepare": {"name": n}} for n in names]
+
+
+def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, min_round_s: float = DEFAULT_MIN_ROUND_S,
+           threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA, resolution: float = S.DEFAULT_RESOLUTION,
+           threads=None, workload=None,
+           progress: bool = True, stream=None, log_dir=None) -> dict:
+    """Times every item under both sides in alternating rounds; returns the result document."""
+    from . import measure as M
+    from .._progress import Progress
+
+    pairs = max(2, pairs + (pairs % 2))  # whole ABBA blocks
+    alpha_case = alpha / max(len(items), 1)
+    machine = {"cpu_model": M.cpu_model(), "cpu_id": M.cpu_id(), "cpu_count": os.cpu_count(),
+               "load_avg_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    workers = [WorkerProcess(s, threads=threads, workload=workload, log_dir=log_dir) for s in (a, b)]
+    rows, sides = [], []
+    bar = Progress(len(items), stream) if progress else None
+    try:
+        if progress:
+            print("starting both sides (imports; the kernel build of a revision not seen before: minutes)",
+                  file=stream or sys.stderr, flush=True)
+        hello = call_both(workers, lambda i: {"cmd": "hello"})
+        for side, h, w in zip((a, b), hello, workers):
+            if not h["ok"]:
+                raise SideError(f"side {side.label} ({side.description}) cannot import fastelbo: {h['error']}\n"
+                                f"{w.log_tail()}")
+            sides.append({**side.info(), **{k: h[k] for k in ("fastelbo_file", "kernels_file", "torch", "python",
+                                                               "threads", "cpu_capability", "version")}})
+        watch = M.Interference()
+        for n, item in enumerate(items):
+            if bar:
+                bar.step(item["key"])
+            rows.append(_run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resolution))
+        others = watch.others_fraction()
+        if bar:
+            bar.close()
+    finally:
+        for w in workers:
+            w.close()
+    machine["load_avg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["others_cpu_fraction"] = others
+    compared = [r for r in rows if "verdict" in r]
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "sides": sides,
+        "method": {"test": S.TEST_NAME, "pairs": pairs, "min_round_s": min_round_s, "alpha": alpha,
+                   "confidence_per_case": 1.0 - alpha_case, "threshold": threshold, "resolution": resolution,
+                   "fail_when": f"verdict slower (CI above 1) and ratio B/A > {1 + threshold:.2f}"},
+        "rows": rows,
+        "summary": {v: sum(r.get("verdict") == v for r in rows) for v in ("slower", "faster", "no difference")},
+        "errors": sum("error" in r for r in rows),
+        "failures": sum(bool(r.get("fail")) for r in compared),
+        "ok": not any(r.get("fail") for r in compared),
+    }
+
+
+def _run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resolution) -> dict:
+    row = {"key": item["key"]}
+    prep = call_both(workers, lambda i: {"cmd": "prepare", "id": n, **item["prepare"]})
+    errors = [f"{'AB'[i]}: {p['error']}" for i, p in enumerate(prep) if not p["ok"]]
+    if errors:
+        row["error"] = "; ".join(errors)
+        call_both(workers, lambda i: {"cmd": "drop", "id": n})
+        return row
+    cal = workers[0].call({"cmd": "calibrate", "id": n, "min_round_s": min_round_s})
+    if not cal["ok"]:
+        row["error"] = f"A: {cal['error']}"
+        return row
+    iters = cal["iters"]
+    times = ([], [])
+    for block in range(pairs // 2):
+        for side in (0, 1, 1, 0):
+            r = workers[side].call({"cmd": "time", "id": n, "iters": iters})
+            if not r["ok"]:
+                row["error"] = f"{'AB'[side]}: {r['error']}"
+                call_both(workers, lambda i: {"cmd": "drop", "id": n})
+                return row
+            times[side].append(r["per_call_s"])
+    call_both(workers, lambda i: {"cmd": "drop", "id": n})
+    row.update(S.compare_pairs(times[0], times[1], alpha_case, threshold, resolution))
+    row.update({"iters": iters, "a_rounds_s": times[0], "b_rounds_s": times[1]})
+    return row
+
+
+def _fmt_t(s) -> str:
+    from .report import fmt_time
+
+    return "-" if s is None else fmt_time(s)
+
+
+def format_ab(doc: dict) -> str:
+    from .report import _align
+
+    m, meth = doc["machine"], doc["method"]
+    lines = []
+    for s in doc["sides"]:
+        lines.append(f"side {s['label']} ({'baseline' if s['label'] == 'A' else 'candidate'}): {s['description']}")
+    load = m.get("load_avg_before")
+    lines.append(f"machine: {m['cpu_model']} ({m['cpu_id']}), {m['cpu_count']} cores, torch threads "
+                 f"{doc['sides'][0]['threads'] if doc['sides'] else '?'}, load average before "
+                 + (" ".join(f"{x:.2f}" for x in load) if load else "?")
+                 + (f", other processes {100 * m['others_cpu_fraction']:.0f}% of the CPUs while timing"
+                    if m.get("others_cpu_fraction") is not None else ""))
+    lines.append(f"test: {meth['test']}; {meth['pairs']} pairs per case, rounds >= {1e3 * meth['min_round_s']:.0f} ms; "
+                 f"{100 * (1 - meth['alpha']):.0f}% family-wise confidence ({100 * meth['confidence_per_case']:.2f}% "
+                 f"per case, Bonferroni over {len(doc['rows'])} cases); a significant change under "
+                 f"{100 * meth['resolution']:.0f}% counts as no difference")
+    table = [("case", "A median", "B median", "B/A", "CI", "p", "verdict")]
+    for r in doc["rows"]:
+        if "error" in r:
+            table.append((r["key"], "-", "-", "-", "-", "-", "ERROR"))
+            continue
+        lo, hi = r["ci"]
+        verdict = r["verdict"] + (f" > {100 * meth['threshold']:.0f}%: FAIL" if r["fail"] else "")
+        if r["verdict"] == "no difference" and r.get("significant"):
+            verdict += f" (significant, within {100 * meth['resolution']:.0f}%)"
+        table.append((r["key"], _fmt_t(r["a_median_s"]), _fmt_t(r["b_median_s"]), f"{r['ratio']:.3f}",
+                      f"[{lo:.3f}, {hi:.3f}]", f"{r['p']:.1g}", verdict))
+    lines += _align(table, right_from=1)
+    for r in doc["rows"]:
+        if "error" in r:
+            lines.append(f"ERROR {r['key']}: {r['error'][:500]}")
+    s = doc["summary"]
+    verdict = "FAIL" if not doc["ok"] else "PASS"
+    lines.append(f"{verdict}: {doc['failures']} case(s) significantly slower by more than "
+                 f"{100 * meth['threshold']:.0f}%; {s['slower']} slower, {s['faster']} faster, "
+                 f"{s['no difference']} no difference" + (f", {doc['errors']} not compared (error)"
+                                                           if doc["errors"] else ""))
+    return "\n".join(lines)
+
+
+def exit_status(doc: dict) -> int:
+    """1: a significant slowdown above the threshold; 2: a case could not be compared; else 0."""
+    if not doc["ok"]:
+        return 1
+    return 2 if doc["errors"] else 0
+
+
+__all__ = ["run_ab", "format_ab", "exit_status", "case_items", "workload_items", "SCHEMA", "DEFAULT_THRESHOLD",
+           "DEFAULT_PAIRS", "DEFAULT_MIN_ROUND_S", "DEFAULT_ALPHA"]
