@@ -205,3 +205,60 @@ def test_workload_file_runs_in_the_worker(tmp_path):
     doc = ab.run_ab(side, side, ab.workload_items(["neg"]), pairs=2, min_round_s=0.001, progress=False,
                     workload=f"{wl}:workloads", log_dir=tmp_path)
     assert doc["rows"][0]["key"] == "neg" and doc["rows"][0]["a_median_s"] > 0
+
+
+# ---------------------------------------------------------------------------
+# for projects that use fastelbo
+# ---------------------------------------------------------------------------
+from fastelbo.bench.pytest_plugin import time_step  # noqa: E402,F401  (the fixture under test)
+
+
+def test_time_step_fixture_times_a_step_and_records_the_machine(time_step, benchmark):
+    import torch
+
+    x = torch.ones(64, requires_grad=True)
+
+    def step():
+        (x * x).sum().backward()
+
+    median = time_step(step, rounds=2, min_round_s=0.001, name="toy step")
+    assert median > 0 and benchmark.name == "toy step"
+    info = benchmark.extra_info
+    assert info["calls_per_round"] >= 1 and info["cpu_id"] and info["fastelbo"] and info["torch"]
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+                   check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_downstream_project_ab_with_its_own_workload(tmp_path, monkeypatch, capsys):
+    """A project that uses fastelbo: --repo (its checkout, a src layout), --workload (its step),
+    --against HEAD. Side A imports the project's package from the export of HEAD, side B from
+    the working tree; fastelbo itself is the installed one on both sides (no build)."""
+    repo = tmp_path / "myproject"
+    (repo / "src" / "myvae").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text('[project]\nname = "myvae"\nversion = "0"\n\n'
+                                         '[tool.setuptools.package-dir]\n"" = "src"\n')
+    (repo / "src" / "myvae" / "__init__.py").write_text("WHERE = __file__\n")
+    (repo / "perf_workloads.py").write_text(
+        "import torch\nimport myvae\n\n"
+        "def workloads():\n"
+        "    x = torch.ones(16)\n"
+        "    assert 'ab' in myvae.WHERE or 'myproject' in myvae.WHERE\n"
+        "    return {'step': lambda: torch.nn.functional.softplus(x).sum()}\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "one")
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": cli.COMMANDS["bench"]})
+    monkeypatch.setenv("FASTELBO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "ab.json"
+    rc = cli.main(["bench", "--repo", str(repo), "--workload", f"{repo / 'perf_workloads.py'}:workloads",
+                   "--against", "HEAD", "--pairs", "2", "--min-round-ms", "1", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert [r["key"] for r in doc["rows"]] == ["step"] and "error" not in doc["rows"][0]
+    a, b = doc["sides"]
+    assert a["root"].startswith(str(tmp_path / "cache" / "ab")) and a["cache_dir"] is None
+    assert b["root"] == str(repo)

@@ -1,20 +1,24 @@
 """A/B timing of two builds on the same machine in the same run (``fastelbo
 bench --against REV``): no baseline file, no CPU-model match.
 
-Each side runs in its own worker process (ab_sides, ab_worker); the parent
-prepares one case at a time on both (inputs, warm-up), fixes the calls per
-round from side A (a round lasts at least min_round_s), then runs ABBA blocks:
-a round is one untimed call followed by `iters` timed calls in one worker
-while the other waits. The verdict per case comes from ab_stats (a sign test
-on the paired log-ratios, family-wise confidence over the cases). The run
-fails only for a case that is significantly slower *and* whose ratio
-exceeds 1 + threshold.
+Each side runs in its own worker process (ab_sides, ab_worker), with OpenMP's
+threads pinned alike in both (pinning_env). Per case the parent prepares both
+(inputs, warm-up), fixes the calls per round from side A's fastest call (a
+round lasts at least min_round_s), then runs ABBA blocks. Each block after the
+first starts with fresh inputs on both sides (their placement in memory moves
+a tiny case by up to 10%); a round is one untimed call, then `iters` calls
+timed one by one in one worker while the other waits, and the round's figure
+is its fastest call (statistic="min") or its mean per call ("mean"). The
+verdict per case comes from ab_stats (Wilcoxon signed-rank test on the paired
+log-ratios, family-wise confidence over the cases). The run fails only for a
+case that is significantly slower *and* whose ratio exceeds 1 + threshold.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
+import random
 import sys
 
 from . import ab_stats as S
@@ -25,6 +29,13 @@ DEFAULT_THRESHOLD = 0.10
 DEFAULT_PAIRS = 30
 DEFAULT_MIN_ROUND_S = 0.01
 DEFAULT_ALPHA = 0.05
+# What a round contributes: its fastest call ("min") or its mean per call ("mean"). Interference only
+# adds time, and on a shared 2-core machine it comes in scheduler slices: a 2-thread kernel whose
+# thread is descheduled waits a slice (4-8 ms) at its barrier. Measured: a self-A/B of the quick
+# subset with "mean" failed one run of two (a case at 1.99x, p = 0.0001) while one process kept
+# landing on a busy core; the fastest call of a 10 ms round usually ran between two slices.
+STATISTICS = ("min", "mean")
+DEFAULT_STATISTIC = "min"
 
 
 def case_items(case_list, backend: str, device: str = "cpu") -> list[dict]:
@@ -39,17 +50,21 @@ def workload_items(names: list[str]) -> list[dict]:
 
 def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, min_round_s: float = DEFAULT_MIN_ROUND_S,
            threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA, resolution: float = S.DEFAULT_RESOLUTION,
-           threads=None, workload=None,
+           statistic: str = DEFAULT_STATISTIC, threads=None, workload=None,
            progress: bool = True, stream=None, log_dir=None) -> dict:
     """Times every item under both sides in alternating rounds; returns the result document."""
     from . import measure as M
     from .._progress import Progress
 
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     pairs = max(2, pairs + (pairs % 2))  # whole ABBA blocks
     alpha_case = alpha / max(len(items), 1)
     machine = {"cpu_model": M.cpu_model(), "cpu_id": M.cpu_id(), "cpu_count": os.cpu_count(),
                "load_avg_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    workers = [WorkerProcess(s, threads=threads, workload=workload, log_dir=log_dir) for s in (a, b)]
+    env = pinning_env()
+    workers = [WorkerProcess(s, threads=threads, workload=workload, log_dir=log_dir, env=env) for s in (a, b)]
+    rng = random.Random(20261207)  # the spacers before each block's fresh inputs
     rows, sides = [], []
     bar = Progress(len(items), stream) if progress else None
     try:
@@ -67,7 +82,8 @@ def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, m
         for n, item in enumerate(items):
             if bar:
                 bar.step(item["key"])
-            rows.append(_run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resolution))
+            rows.append(_run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resolution,
+                                  statistic, rng))
         others = watch.others_fraction()
         if bar:
             bar.close()
@@ -83,6 +99,7 @@ def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, m
         "machine": machine,
         "sides": sides,
         "method": {"test": S.TEST_NAME, "pairs": pairs, "min_round_s": min_round_s, "alpha": alpha,
+                   "statistic": statistic, "fresh_inputs_per_block": True, "thread_pinning": env,
                    "confidence_per_case": 1.0 - alpha_case, "threshold": threshold, "resolution": resolution,
                    "fail_when": f"verdict slower (CI above 1) and ratio B/A > {1 + threshold:.2f}"},
         "rows": rows,
@@ -93,7 +110,20 @@ def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, m
     }
 
 
-def _run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resolution) -> dict:
+def pinning_env() -> dict:
+    """OpenMP thread i of both workers on the same CPU (OMP_PLACES={c0},{c1},...): a busy core then
+    slows the same thread of A and B. Unpinned, the scheduler kept one worker's thread on a core
+    another process was using for seconds, and a self-A/B read that as a 2-10x difference. Left
+    alone where the caller set OpenMP's placement."""
+    if any(k in os.environ for k in ("OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY")):
+        return {}
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    return {"OMP_PLACES": ",".join(f"{{{c}}}" for c in cpus), "OMP_PROC_BIND": "close"}
+
+
+def _run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resolution, statistic, rng) -> dict:
     row = {"key": item["key"]}
     prep = call_both(workers, lambda i: {"cmd": "prepare", "id": n, **item["prepare"]})
     errors = [f"{'AB'[i]}: {p['error']}" for i, p in enumerate(prep) if not p["ok"]]
@@ -106,18 +136,30 @@ def _run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resol
         row["error"] = f"A: {cal['error']}"
         return row
     iters = cal["iters"]
-    times = ([], [])
+    times = ({"min_s": [], "mean_s": []}, {"min_s": [], "mean_s": []})
     for block in range(pairs // 2):
+        if block:
+            spacer = 64 * rng.randrange(64)
+            fresh = call_both(workers, lambda i: {"cmd": "reinput", "id": n, "spacer": spacer})
+            bad = [f"{'AB'[i]}: {r['error']}" for i, r in enumerate(fresh) if not r["ok"]]
+            if bad:
+                row["error"] = "; ".join(bad)
+                call_both(workers, lambda i: {"cmd": "drop", "id": n})
+                return row
         for side in (0, 1, 1, 0):
             r = workers[side].call({"cmd": "time", "id": n, "iters": iters})
             if not r["ok"]:
                 row["error"] = f"{'AB'[side]}: {r['error']}"
                 call_both(workers, lambda i: {"cmd": "drop", "id": n})
                 return row
-            times[side].append(r["per_call_s"])
+            for k in ("min_s", "mean_s"):
+                times[side][k].append(r[k])
     call_both(workers, lambda i: {"cmd": "drop", "id": n})
-    row.update(S.compare_pairs(times[0], times[1], alpha_case, threshold, resolution))
-    row.update({"iters": iters, "a_rounds_s": times[0], "b_rounds_s": times[1]})
+    key = f"{statistic}_s"
+    row.update(S.compare_pairs(times[0][key], times[1][key], alpha_case, threshold, resolution))
+    row.update({"iters": iters, "a_rounds_s": times[0][key], "b_rounds_s": times[1][key],
+                "a_round_means_s": times[0]["mean_s"], "b_round_means_s": times[1]["mean_s"],
+                "a_round_mins_s": times[0]["min_s"], "b_round_mins_s": times[1]["min_s"]})
     return row
 
 
@@ -140,11 +182,12 @@ def format_ab(doc: dict) -> str:
                  + (" ".join(f"{x:.2f}" for x in load) if load else "?")
                  + (f", other processes {100 * m['others_cpu_fraction']:.0f}% of the CPUs while timing"
                     if m.get("others_cpu_fraction") is not None else ""))
-    lines.append(f"test: {meth['test']}; {meth['pairs']} pairs per case, rounds >= {1e3 * meth['min_round_s']:.0f} ms; "
+    lines.append(f"test: {meth['test']}; {meth['pairs']} pairs per case, rounds >= {1e3 * meth['min_round_s']:.0f} ms, "
+                 f"each round's {'fastest call' if meth['statistic'] == 'min' else 'mean per call'}; "
                  f"{100 * (1 - meth['alpha']):.0f}% family-wise confidence ({100 * meth['confidence_per_case']:.2f}% "
                  f"per case, Bonferroni over {len(doc['rows'])} cases); a significant change under "
                  f"{100 * meth['resolution']:.0f}% counts as no difference")
-    table = [("case", "A median", "B median", "B/A", "CI", "p", "verdict")]
+    table = [("case", "A", "B", "B/A", "CI", "p", "verdict")]
     for r in doc["rows"]:
         if "error" in r:
             table.append((r["key"], "-", "-", "-", "-", "-", "ERROR"))
@@ -176,4 +219,4 @@ def exit_status(doc: dict) -> int:
 
 
 __all__ = ["run_ab", "format_ab", "exit_status", "case_items", "workload_items", "SCHEMA", "DEFAULT_THRESHOLD",
-           "DEFAULT_PAIRS", "DEFAULT_MIN_ROUND_S", "DEFAULT_ALPHA"]
+           "DEFAULT_PAIRS", "DEFAULT_MIN_ROUND_S", "DEFAULT_ALPHA", "DEFAULT_STATISTIC", "STATISTICS"]
