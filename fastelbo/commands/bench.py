@@ -81,6 +81,9 @@ def add_arguments(parser) -> None:
     ab.add_argument("--resolution", type=float, default=0.05,
                     help="a significant A/B difference smaller than this counts as no difference (default 0.05: "
                          "two processes of one build differ by a few percent)")
+    ab.add_argument("--statistic", choices=("min", "mean"), default="min",
+                    help="what one A/B round contributes: its fastest call (default: load only adds time) or its "
+                         "mean per call (also sees costs that hit some calls only, and more of the machine's noise)")
     ab.add_argument("--count", action="store_true",
                     help="instructions executed per call under valgrind's callgrind (AVX2 build, 1 thread) instead "
                          "of time: deterministic. Alone: print them; with --compare: check a count baseline "
