@@ -80,9 +80,9 @@ def test_verdicts():
     fast = S.compare_pairs(*_rounds(0.7), alpha_case=0.05 / 45, threshold=0.10)
     assert fast["verdict"] == "faster" and not fast["fail"]
     # significant but under the resolution: no difference; significant, above resolution, under threshold: no failure
-    small = S.compare_pairs(*_rounds(1.03, noise=0.002), alpha_case=0.05 / 45, threshold=0.10)
-    assert small["significant"] and small["verdict"] == "no difference"
-    mid = S.compare_pairs(*_rounds(1.07, noise=0.002), alpha_case=0.05 / 45, threshold=0.10)
+    small = S.compare_pairs(*_rounds(1.07, noise=0.002), alpha_case=0.05 / 45, threshold=0.10)
+    assert small["significant"] and small["verdict"] == "no difference"  # default resolution: the threshold
+    mid = S.compare_pairs(*_rounds(1.07, noise=0.002), alpha_case=0.05 / 45, threshold=0.10, resolution=0.05)
     assert mid["verdict"] == "slower" and not mid["fail"]
 
 

@@ -3,8 +3,9 @@ bench --against REV``): no baseline file, no CPU-model match.
 
 Each side runs in its own worker process (ab_sides, ab_worker), with OpenMP's
 threads pinned alike in both (pinning_env). Per case the parent prepares both
-(inputs, warm-up), fixes the calls per round from side A's fastest call (a
-round lasts at least min_round_s), then runs ABBA blocks. Each block after the
+(inputs, warm-up) and calibrates both (the same history of calls), fixes the
+calls per round from side A's fastest call (a round lasts at least
+min_round_s), then runs ABBA blocks. Each block after the
 first starts with fresh inputs on both sides (their placement in memory moves
 a tiny case by up to 10%); a round is one untimed call, then `iters` calls
 timed one by one in one worker while the other waits, and the round's figure
@@ -49,7 +50,8 @@ def workload_items(names: list[str]) -> list[dict]:
 
 
 def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, min_round_s: float = DEFAULT_MIN_ROUND_S,
-           threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA, resolution: float = S.DEFAULT_RESOLUTION,
+           threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA,
+           resolution: float = S.DEFAULT_RESOLUTION,
            statistic: str = DEFAULT_STATISTIC, threads=None, workload=None,
            progress: bool = True, stream=None, log_dir=None) -> dict:
     """Times every item under both sides in alternating rounds; returns the result document."""
@@ -62,7 +64,7 @@ def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, m
     alpha_case = alpha / max(len(items), 1)
     machine = {"cpu_model": M.cpu_model(), "cpu_id": M.cpu_id(), "cpu_count": os.cpu_count(),
                "load_avg_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    env = pinning_env()
+    env = {**pinning_env(), "PYTHONHASHSEED": "0"}  # one seed: the same dict layouts and allocations in both
     workers = [WorkerProcess(s, threads=threads, workload=workload, log_dir=log_dir, env=env) for s in (a, b)]
     rng = random.Random(20261207)  # the spacers before each block's fresh inputs
     rows, sides = [], []
@@ -131,11 +133,15 @@ def _run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resol
         row["error"] = "; ".join(errors)
         call_both(workers, lambda i: {"cmd": "drop", "id": n})
         return row
-    cal = workers[0].call({"cmd": "calibrate", "id": n, "min_round_s": min_round_s})
-    if not cal["ok"]:
-        row["error"] = f"A: {cal['error']}"
+    # Both sides calibrate, so both run the same calls before timing (an allocator's state follows its
+    # history: a self-A/B where A alone calibrated read free_bits at 4096x784x64 as 22% apart).
+    cal = call_both(workers, lambda i: {"cmd": "calibrate", "id": n, "min_round_s": min_round_s})
+    bad = [f"{'AB'[i]}: {c['error']}" for i, c in enumerate(cal) if not c["ok"]]
+    if bad:
+        row["error"] = "; ".join(bad)
+        call_both(workers, lambda i: {"cmd": "drop", "id": n})
         return row
-    iters = cal["iters"]
+    iters = cal[0]["iters"]
     times = ({"min_s": [], "mean_s": []}, {"min_s": [], "mean_s": []})
     for block in range(pairs // 2):
         if block:

@@ -105,7 +105,8 @@ def run_against(args, case_list) -> int:
         threshold = args.threshold if args.threshold is not None else ab.DEFAULT_THRESHOLD
         doc = ab.run_ab(a, b, items, pairs=args.pairs or ab.DEFAULT_PAIRS,
                         min_round_s=(args.min_round_ms / 1e3) if args.min_round_ms else ab.DEFAULT_MIN_ROUND_S,
-                        threshold=threshold, alpha=args.alpha, resolution=args.resolution,
+                        threshold=threshold, alpha=args.alpha,
+                        resolution=args.resolution if args.resolution is not None else threshold,
                         statistic=args.statistic, threads=args.threads,
                         workload=args.workload)
     except SideError as exc:

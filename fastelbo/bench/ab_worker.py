@@ -138,7 +138,8 @@ class Worker:
 
         if self.config.get("threads"):
             torch.set_num_threads(int(self.config["threads"]))
-        out = {"pid": os.getpid(), "fastelbo_file": fastelbo.__file__, "version": getattr(fastelbo, "__version__", None),
+        out = {"pid": os.getpid(), "fastelbo_file": fastelbo.__file__,
+               "version": getattr(fastelbo, "__version__", None),
                "torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
         try:

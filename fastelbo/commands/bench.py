@@ -77,10 +77,11 @@ def add_arguments(parser) -> None:
     ab.add_argument("--threshold", type=float, default=None,
                     help="fail above this slowdown (default 0.10 for time, 0.02 for instruction counts)")
     ab.add_argument("--pairs", type=int, help="A/B round pairs per case (default 30: 15 ABBA blocks)")
-    ab.add_argument("--alpha", type=float, default=0.05, help="family-wise error rate of the A/B verdicts (default 0.05)")
-    ab.add_argument("--resolution", type=float, default=0.05,
-                    help="a significant A/B difference smaller than this counts as no difference (default 0.05: "
-                         "two processes of one build differ by a few percent)")
+    ab.add_argument("--alpha", type=float, default=0.05,
+                    help="family-wise error rate of the A/B verdicts (default 0.05)")
+    ab.add_argument("--resolution", type=float, default=None,
+                    help="a significant A/B difference smaller than this counts as no difference (default: the "
+                         "threshold; two processes of one build differed by up to 7%% on a busy machine)")
     ab.add_argument("--statistic", choices=("min", "mean"), default="min",
                     help="what one A/B round contributes: its fastest call (default: load only adds time) or its "
                          "mean per call (also sees costs that hit some calls only, and more of the machine's noise)")
