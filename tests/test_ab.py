@@ -262,3 +262,46 @@ def test_downstream_project_ab_with_its_own_workload(tmp_path, monkeypatch, caps
     a, b = doc["sides"]
     assert a["root"].startswith(str(tmp_path / "cache" / "ab")) and a["cache_dir"] is None
     assert b["root"] == str(repo)
+
+
+class _FakeWorker:
+    """Replies like ab_worker: `time` gives per-call seconds from a list of factors, one per measurement."""
+
+    def __init__(self, factors):
+        self.factors, self.rounds, self.pending = list(factors), 0, None
+
+    def send(self, msg):
+        self.pending = msg
+
+    def receive(self):
+        msg, self.pending = self.pending, None
+        return self.call(msg)
+
+    def call(self, msg):
+        if msg["cmd"] == "calibrate":
+            return {"ok": True, "iters": 3}
+        if msg["cmd"] != "time":
+            return {"ok": True}
+        factor = self.factors[min(self.rounds // 30, len(self.factors) - 1)]  # 30 rounds per measurement
+        self.rounds += 1
+        t = 1e-3 * factor * (1 + 0.001 * (self.rounds % 7))
+        return {"ok": True, "min_s": t, "mean_s": t}
+
+
+@pytest.mark.parametrize("b_factors, verdict, fail, replicated", [
+    ((1.5, 1.5), "slower", True, True),          # a slower build stays slower
+    ((1.5, 1.0), "no difference", False, False),  # a stall of one measurement does not replicate
+    ((0.5, 0.5), "faster", False, True),
+    ((1.0,), "no difference", False, None),      # nothing to replicate
+])
+def test_a_verdict_stands_only_when_its_replicate_agrees(b_factors, verdict, fail, replicated):
+    import random as _random
+
+    workers = [_FakeWorker([1.0]), _FakeWorker(b_factors)]
+    row = ab._run_item(workers, 0, {"key": "k", "prepare": {}}, 30, 0.01, 0.05 / 45, 0.10, 0.10, "min",
+                       _random.Random(0))
+    assert row["verdict"] == verdict and row["fail"] == fail
+    if replicated is None:
+        assert "replicate" not in row
+    else:
+        assert row.get("not_replicated", False) == (not replicated) and "ratio" in row["replicate"]

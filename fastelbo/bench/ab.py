@@ -11,8 +11,10 @@ a tiny case by up to 10%); a round is one untimed call, then `iters` calls
 timed one by one in one worker while the other waits, and the round's figure
 is its fastest call (statistic="min") or its mean per call ("mean"). The
 verdict per case comes from ab_stats (Wilcoxon signed-rank test on the paired
-log-ratios, family-wise confidence over the cases). The run fails only for a
-case that is significantly slower *and* whose ratio exceeds 1 + threshold.
+log-ratios, family-wise confidence over the cases); a slower or faster verdict
+is measured again in B A A B order and stands only if that agrees. The run
+fails only for a case that is significantly slower *and* whose ratio exceeds
+1 + threshold, in both measurements.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def run_ab(a: Side, b: Side, items: list[dict], *, pairs: int = DEFAULT_PAIRS, m
         "sides": sides,
         "method": {"test": S.TEST_NAME, "pairs": pairs, "min_round_s": min_round_s, "alpha": alpha,
                    "statistic": statistic, "fresh_inputs_per_block": True, "thread_pinning": env,
+                   "replication": "a slower or faster verdict is measured again in B A A B order and stands only "
+                                  "if the replicate agrees",
                    "confidence_per_case": 1.0 - alpha_case, "threshold": threshold, "resolution": resolution,
                    "fail_when": f"verdict slower (CI above 1) and ratio B/A > {1 + threshold:.2f}"},
         "rows": rows,
@@ -125,48 +129,65 @@ def pinning_env() -> dict:
     return {"OMP_PLACES": ",".join(f"{{{c}}}" for c in cpus), "OMP_PROC_BIND": "close"}
 
 
+class _Failed(Exception):
+    """A worker reported an error for the case; the message names the side."""
+
+
+def _both(workers, msg_for) -> list:
+    replies = call_both(workers, msg_for)
+    bad = [f"{'AB'[i]}: {r['error']}" for i, r in enumerate(replies) if not r["ok"]]
+    if bad:
+        raise _Failed("; ".join(bad))
+    return replies
+
+
 def _run_item(workers, n, item, pairs, min_round_s, alpha_case, threshold, resolution, statistic, rng) -> dict:
     row = {"key": item["key"]}
-    prep = call_both(workers, lambda i: {"cmd": "prepare", "id": n, **item["prepare"]})
-    errors = [f"{'AB'[i]}: {p['error']}" for i, p in enumerate(prep) if not p["ok"]]
-    if errors:
-        row["error"] = "; ".join(errors)
+    try:
+        _both(workers, lambda i: {"cmd": "prepare", "id": n, **item["prepare"]})
+        # Both sides calibrate, so both run the same calls before timing (an allocator's state follows its
+        # history: a self-A/B where A alone calibrated read free_bits at 4096x784x64 as 22% apart).
+        iters = _both(workers, lambda i: {"cmd": "calibrate", "id": n, "min_round_s": min_round_s})[0]["iters"]
+        times = _measure(workers, n, iters, pairs, rng, (0, 1, 1, 0))
+        result = S.compare_pairs(times[0][f"{statistic}_s"], times[1][f"{statistic}_s"], alpha_case, threshold, resolution)
+        if result["verdict"] != "no difference":
+            # A verdict must replicate, measured again with the order reversed (B A A B): one worker
+            # stuck for seconds behind other programs (its fastest call 18 ms for a 0.4 ms kernel,
+            # the other's 0.5 ms) is a state of the machine, a slower build stays slower.
+            again = _measure(workers, n, iters, pairs, rng, (1, 0, 0, 1))
+            rep = S.compare_pairs(again[0][f"{statistic}_s"], again[1][f"{statistic}_s"], alpha_case, threshold, resolution)
+            result["replicate"] = {k: rep[k] for k in ("ratio", "ci", "p", "verdict", "fail")}
+            if rep["verdict"] != result["verdict"]:
+                result.update(verdict="no difference", fail=False, not_replicated=True)
+            else:
+                result["fail"] = result["fail"] and rep["fail"]
+    except _Failed as exc:
+        row["error"] = str(exc)
         call_both(workers, lambda i: {"cmd": "drop", "id": n})
         return row
-    # Both sides calibrate, so both run the same calls before timing (an allocator's state follows its
-    # history: a self-A/B where A alone calibrated read free_bits at 4096x784x64 as 22% apart).
-    cal = call_both(workers, lambda i: {"cmd": "calibrate", "id": n, "min_round_s": min_round_s})
-    bad = [f"{'AB'[i]}: {c['error']}" for i, c in enumerate(cal) if not c["ok"]]
-    if bad:
-        row["error"] = "; ".join(bad)
-        call_both(workers, lambda i: {"cmd": "drop", "id": n})
-        return row
-    iters = cal[0]["iters"]
+    call_both(workers, lambda i: {"cmd": "drop", "id": n})
+    row.update(result)
+    row.update({"iters": iters, "a_rounds_s": times[0][f"{statistic}_s"], "b_rounds_s": times[1][f"{statistic}_s"],
+                "a_round_means_s": times[0]["mean_s"], "b_round_means_s": times[1]["mean_s"],
+                "a_round_mins_s": times[0]["min_s"], "b_round_mins_s": times[1]["min_s"]})
+    return row
+
+
+def _measure(workers, n, iters, pairs, rng, order) -> tuple:
+    """Per side {'min_s': [...], 'mean_s': [...]} of pairs // 2 blocks of rounds in `order`, each block
+    after the first on fresh inputs."""
     times = ({"min_s": [], "mean_s": []}, {"min_s": [], "mean_s": []})
     for block in range(pairs // 2):
         if block:
             spacer = 64 * rng.randrange(64)
-            fresh = call_both(workers, lambda i: {"cmd": "reinput", "id": n, "spacer": spacer})
-            bad = [f"{'AB'[i]}: {r['error']}" for i, r in enumerate(fresh) if not r["ok"]]
-            if bad:
-                row["error"] = "; ".join(bad)
-                call_both(workers, lambda i: {"cmd": "drop", "id": n})
-                return row
-        for side in (0, 1, 1, 0):
+            _both(workers, lambda i: {"cmd": "reinput", "id": n, "spacer": spacer})
+        for side in order:
             r = workers[side].call({"cmd": "time", "id": n, "iters": iters})
             if not r["ok"]:
-                row["error"] = f"{'AB'[side]}: {r['error']}"
-                call_both(workers, lambda i: {"cmd": "drop", "id": n})
-                return row
+                raise _Failed(f"{'AB'[side]}: {r['error']}")
             for k in ("min_s", "mean_s"):
                 times[side][k].append(r[k])
-    call_both(workers, lambda i: {"cmd": "drop", "id": n})
-    key = f"{statistic}_s"
-    row.update(S.compare_pairs(times[0][key], times[1][key], alpha_case, threshold, resolution))
-    row.update({"iters": iters, "a_rounds_s": times[0][key], "b_rounds_s": times[1][key],
-                "a_round_means_s": times[0]["mean_s"], "b_round_means_s": times[1]["mean_s"],
-                "a_round_mins_s": times[0]["min_s"], "b_round_mins_s": times[1]["min_s"]})
-    return row
+    return times
 
 
 def _fmt_t(s) -> str:
@@ -200,7 +221,9 @@ def format_ab(doc: dict) -> str:
             continue
         lo, hi = r["ci"]
         verdict = r["verdict"] + (f" > {100 * meth['threshold']:.0f}%: FAIL" if r["fail"] else "")
-        if r["verdict"] == "no difference" and r.get("significant"):
+        if r.get("not_replicated"):
+            verdict += f" (first {r['ratio']:.3f} significant, not replicated: {r['replicate']['ratio']:.3f})"
+        elif r["verdict"] == "no difference" and r.get("significant"):
             verdict += f" (significant, within {100 * meth['resolution']:.0f}%)"
         table.append((r["key"], _fmt_t(r["a_median_s"]), _fmt_t(r["b_median_s"]), f"{r['ratio']:.3f}",
                       f"[{lo:.3f}, {hi:.3f}]", f"{r['p']:.1g}", verdict))

@@ -92,8 +92,17 @@ def _write(doc: dict, path: str) -> None:
     print(f"\nwrote {p}")
 
 
+def _absolute_workload(args) -> None:
+    """FILE:FUNCTION with FILE made absolute: the workers may not share the caller's directory."""
+    if args.workload:
+        path, sep, func = args.workload.rpartition(":")
+        if sep and path:
+            args.workload = f"{Path(path).resolve()}:{func}"
+
+
 def run_against(args, case_list) -> int:
     """The A/B timing run; exit 1 for a significant slowdown above --threshold, 2 when a case failed to run."""
+    _absolute_workload(args)
     if args.device == "auto":
         import torch
 
@@ -120,6 +129,7 @@ def run_count(args, case_list, explicit_selection: bool) -> int:
     """Instruction counts: of one side (a table, a baseline, a check against one) or, with --against, of both.
     Exit 1: a count above the tolerance; 2: a case failed to run; 3 (SKIPPED): counting is impossible here
     or the baseline holds for another build."""
+    _absolute_workload(args)
     tolerance = args.threshold if args.threshold is not None else counts.DEFAULT_TOLERANCE
     try:
         counts.check_available()
