@@ -19,6 +19,7 @@ from .evaluation import estimate_log_likelihood
 from .functional import (ELBOTerms, bernoulli_log_prob, elbo, free_bits_kl, gaussian_kl, gaussian_log_prob,
                          iwae_bound, rsample)
 from .loss import ELBOLoss
+from .posterior import DiagonalGaussian
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "estimate_log_likelihood",
     "ELBOTerms",
     "ELBOLoss",
+    "DiagonalGaussian",
     "FallbackWarning",
     "BuildError",
     "load_kernels",
