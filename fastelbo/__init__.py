@@ -11,7 +11,7 @@ torch.distributions ground truth every backend is tested against.
 from . import _ops  # noqa: F401  (registers the fastelbo:: ops)
 from . import _autocast  # noqa: F401  (their torch.autocast rules: float32, see docs/training.md)
 from . import _vmap  # noqa: F401  (their torch.vmap rules, see docs/training.md)
-from . import reference
+from . import diagnostics, reference
 from ._backend import FallbackWarning
 from ._build import BuildError, load_kernels
 from ._validate import set_default_validate_args
@@ -40,5 +40,6 @@ __all__ = [
     "load_kernels",
     "set_default_validate_args",
     "reference",
+    "diagnostics",
     "__version__",
 ]
