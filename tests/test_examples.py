@@ -1,6 +1,6 @@
-"""examples/kl_autoencoder.py: it runs on a small subset, learn (the
-second epoch beats the first, from a fixed seed) and use fastelbo's posterior. examples/train_vae.py is
-tested in test_demo.py."""
+"""examples/kl_autoencoder.py and examples/hierarchical_vae.py: they run on a small subset, learn (the
+second epoch beats the first, from a fixed seed) and use fastelbo's posterior; the hierarchical KL
+reaches both of its Gaussians. examples/train_vae.py is tested in test_demo.py."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def test_kl_autoencoder_runs_and_learns(layout):
     assert kl1 >= 0 and kl2 >= 0, epochs
 
 
+def test_hierarchical_vae_runs_and_learns():
+    epochs = _run("hierarchical_vae.py")
+    (train1, top1, bottom1, test1), (train2, top2, bottom2, test2) = epochs
+    assert -70 < test1 < test2 < 0 and train1 < train2, epochs  # the ELBO rises
+    assert min(top1, bottom1, top2, bottom2) >= 0, epochs
+
+
 def _load(script):
     spec = importlib.util.spec_from_file_location(script, ROOT / "examples" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
@@ -55,3 +62,13 @@ def test_kl_autoencoder_posterior_is_fastelbos():
     assert isinstance(posterior, fastelbo.DiagonalGaussian) and posterior.mean.shape == (3, 4, 4, 4)
     expected = fastelbo.reference.gaussian_kl(posterior.mean.flatten(1), posterior.logvar.flatten(1))
     assert torch.allclose(posterior.kl(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hierarchical_kl_reaches_both_sides():
+    """The bottom layer's KL is between two learned Gaussians: it sends gradients to q's and p's weights."""
+    ex = _load("hierarchical_vae")
+    torch.manual_seed(0)
+    model = ex.HierarchicalVAE()
+    _, _, kl_bottom = model((torch.rand(5, 1, 8, 8) > 0.5).float())
+    g_q, g_p = torch.autograd.grad(kl_bottom.sum(), [model.q1.weight, model.p1.weight])
+    assert g_q.abs().sum() > 0 and g_p.abs().sum() > 0
