@@ -185,6 +185,38 @@ class GaussianKL(Op):
                 "writes": {"kl": s.B, "dmu": n, "dlogvar": n}}
 
 
+class GaussianKLLearned(Op):
+    """One layer of a hierarchical VAE (Ladder VAE, NVAE, VDVAE): the KL between the posterior and a prior
+    that are both learned, gradients to both sides."""
+
+    name = "kl-learned"
+    wrt = ("mu", "logvar", "prior_mu", "prior_logvar")
+    description = "KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per row, both [B, Dz] and learned"
+
+    def tensor_specs(self, s):
+        return {"mu": ((s.B, s.Dz), "normal"), "logvar": ((s.B, s.Dz), "small"),
+                "prior_mu": ((s.B, s.Dz), "normal"), "prior_logvar": ((s.B, s.Dz), "small")}
+
+    def grad_specs(self, s):
+        return ((s.B,),)
+
+    def reference(self, t, eps):
+        return (R.gaussian_kl(t["mu"], t["logvar"], t["prior_mu"], t["prior_logvar"]),)
+
+    def fastelbo(self, t, backend):
+        import fastelbo
+
+        return (fastelbo.gaussian_kl(t["mu"], t["logvar"], t["prior_mu"], t["prior_logvar"], backend=backend),)
+
+    def model(self, s, pass_):
+        n = s.B * s.Dz
+        reads = {"mu": n, "logvar": n, "prior_mu": n, "prior_logvar": n}
+        if pass_ == "fwd":
+            return {"reads": reads, "writes": {"kl": s.B}}
+        return {"reads": {**reads, "grad_kl": s.B},
+                "writes": {"kl": s.B, "dmu": n, "dlogvar": n, "dprior_mu": n, "dprior_logvar": n}}
+
+
 class Bernoulli(Op):
     name = "bernoulli"
     wrt = ("logits",)
@@ -367,8 +399,8 @@ def _loss_module(backend: str):
     return fastelbo.ELBOLoss(likelihood="bernoulli", backend=backend)
 
 
-OPS: dict[str, Op] = {op.name: op for op in (RSample(), GaussianKL(), Bernoulli(), Gaussian(), ELBO(), IWAE(),
-                                              FreeBits(), Step())}
+OPS: dict[str, Op] = {op.name: op for op in (RSample(), GaussianKL(), GaussianKLLearned(), Bernoulli(), Gaussian(),
+                                              ELBO(), IWAE(), FreeBits(), Step())}
 
 
 def bytes_model(op: str, shape: Shape, pass_: str, itemsize: int) -> dict:
