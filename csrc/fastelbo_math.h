@@ -1,5 +1,6 @@
-// fastelbo_math.h: the per-element math of DESIGN.md §1 and the noise of §2,
-// written once for every C++ backend.
+// fastelbo_math.h: the per-element math and the noise of docs/design.md (§1
+// the math, §2 numerics, §3 noise), written once for every C++ backend.
+// kernels/_math.py is its Triton twin.
 //
 // Every formula is a template over the value type V. V is `float` or `double`
 // on the host and on the device (nvcc), and at::vec::Vectorized<float|double>
@@ -9,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTELBO_HD __host__ __device__ __forceinline__
@@ -18,10 +20,16 @@
 
 namespace fastelbo {
 
+// The accumulation type of a storage type T: float64 math for float64, float32
+// for float32, float16 and bfloat16 (csrc/checks.h acc_dtype, as a dtype).
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 // log1p(t) for t in (0, 1], the only range softplus needs (t = e^-|l|):
 //   log1p(t) = 2 atanh(s), s = t / (2 + t) <= 1/3, atanh(s) = s * sum_k s^2k / (2k + 1)
 // Seven terms leave a truncation below 2e-8 relative: float32 rounding. About
-// four times cheaper than a general log1p on the CPU (PERF-NOTES). Math<V>
+// four times cheaper than a general log1p on the CPU (Sleef's log1p is the
+// slowest function of the Bernoulli term there; docs/design.md §2). Math<V>
 // picks it for single precision; double keeps the library log1p.
 template <class V>
 FASTELBO_HD V log1p_unit_series(V t) {
@@ -219,6 +227,26 @@ FASTELBO_HD void log_pq_normal_grad(V g, V z, V mu, V lv, V pmu, V plv, V& dz, V
 }
 
 // ---------------------------------------------------------------------------
+// The IWAE bound of a row from its K log-weights w_k = lw[k * stride], in C:
+//   log (1/K) sum_k e^(w_k) = m + log sum_k e^(w_k - m) - log K,  m = max_k w_k
+// as torch.logsumexp(w) - log K: every exponent is <= 0 (stable for log-weights
+// of +-1e4), NaN propagates, an infinite m is the result (no inf - inf). K >= 1.
+// ---------------------------------------------------------------------------
+template <class C, class A>
+FASTELBO_HD C log_mean_exp(const A* lw, int64_t samples, int64_t stride) {
+  C m = C(0);
+  for (int64_t k = 0; k < samples; ++k) {
+    const C v = static_cast<C>(lw[k * stride]);
+    if (v != v) return v;
+    if (k == 0 || v > m) m = v;
+  }
+  if (!(m - m == C(0))) return m;  // +-inf
+  C s = C(0);
+  for (int64_t k = 0; k < samples; ++k) s += Math<C>::exp(static_cast<C>(lw[k * stride]) - m);
+  return m + Math<C>::log(s) - Math<C>::log(static_cast<C>(samples));
+}
+
+// ---------------------------------------------------------------------------
 // Bernoulli log-likelihood with logits l and target x in [0, 1], one element:
 //   x*l - softplus(l) = -((1 - x)*l + max(-l, 0) + log1p(e^-|l|))
 //   d/dl = x - sigmoid(l),  d/dx = l
@@ -285,7 +313,7 @@ FASTELBO_HD void gaussian_ll_grad(V g, V m, V x, V s, V& dm, V& dx, V& ds) {
 }
 
 // ---------------------------------------------------------------------------
-// Noise (DESIGN §2): Philox4x32-10 keyed by a 64-bit seed, as Triton's
+// Noise (docs/design.md §3): Philox4x32-10 keyed by a 64-bit seed, as Triton's
 // tl.randint4x / tl.randn4x define it. Element n of the sampled tensor
 // (row-major) is lane n % 4 of the four normals of counter group n / 4:
 //   counter = (lo32(n/4), hi32(n/4), 0, 0),  key = (lo32(seed), hi32(seed))

@@ -29,12 +29,11 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (the ops must be defined first)
+from ._dtypes import AUTOCAST_DTYPES  # noqa: F401  (the policy's dtypes)
 
 #: The forward ops that take floating-point tensors (philox_noise takes only the seed).
 FORWARD_OPS = _ops.FAMILIES
 
-#: The dtypes autocast mixes; fastelbo accepts a mix of these inside autocast.
-AUTOCAST_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 DEVICE_TYPES = tuple(d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d))
 

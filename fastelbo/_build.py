@@ -17,6 +17,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,7 +46,8 @@ def cache_root() -> Path:
 
 
 # at::vec is only SIMD when the translation unit is told which ISA it targets,
-# as ATen's own kernels are (see PERF-NOTES); pick what this CPU runs.
+# as ATen's own kernels are (without these flags the same code compiles to the
+# scalar fallback, several times slower); pick what this CPU runs.
 _CAPABILITY_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
                "-mavx512dq", "-mfma"],
@@ -71,16 +73,17 @@ def cpu_sources() -> list[Path]:
     return sorted((csrc_dir() / "cpu").glob("*.cpp"))
 
 
-def _fingerprint(sources: list[Path], flags: list[str], *, emulation: bool = False) -> str:
-    """Hash of one extension's own sources, every header under csrc/ (headers are
-    shared between the backends; csrc/emu's only for the test-only emulated build),
-    the flags and the torch/python versions: a .cu edit does not invalidate the CPU
-    build and vice versa."""
+def _fingerprint(sources: list[Path], flags: list[str], backends: tuple[str, ...]) -> str:
+    """Hash of one extension's own sources, its headers (those at the root of csrc/, shared by the
+    backends, and those of the csrc/ subfolders `backends` it compiles), the flags and the
+    torch/python versions. A backend never includes another backend's files (docs/design.md §4), so
+    an edit of csrc/cuda does not invalidate the CPU build and vice versa."""
     h = hashlib.sha256()
-    files = set(sources) | {p for p in csrc_dir().rglob("*.h")
-                            if emulation or p.relative_to(csrc_dir()).parts[0] != "emu"}
+    root = csrc_dir()
+    files = set(sources) | {p for p in root.rglob("*.h")
+                            if len(p.relative_to(root).parts) == 1 or p.relative_to(root).parts[0] in backends}
     for path in sorted(files):
-        h.update(str(path.relative_to(csrc_dir())).encode())
+        h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())
@@ -131,6 +134,10 @@ def _locked_load(name: str, sources: list[Path], cflags: list[str], directory: P
     with open(directory / ".fastelbo-build.lock", "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
+            # cpp_extension's baton `lock` is created by the process that builds and removed when it
+            # is done; one killed mid-build leaves it behind and every later load() waits on it forever.
+            # Under the flock no other fastelbo process is building here, so a baton is stale.
+            (directory / "lock").unlink(missing_ok=True)
             load(
                 name=name,
                 sources=[str(s) for s in sources],
@@ -146,34 +153,53 @@ def _locked_load(name: str, sources: list[Path], cflags: list[str], directory: P
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def load_cpu_extension() -> None:
-    """Builds (first time) and loads the CPU kernels; raises BuildError with what to do."""
-    with _CPU.lock:
-        if _CPU.loaded:
+@dataclass
+class _Plan:
+    """One extension's build: its name and build directory, `build()` (builds and loads it under the
+    lock), and what the failure message says is needed."""
+    name: str
+    directory: Path
+    build: Callable[[], None]
+    needed: str
+
+
+def _load_once(state: _State, what: str, compatible: Callable[[], tuple[bool, str]],
+               plan: Callable[[], _Plan]) -> None:
+    """The routine of every extension: build (the first time) and load it once per process; a failure
+    is remembered and raised again as BuildError, with the compiler's last lines and what is needed."""
+    with state.lock:
+        if state.loaded:
             return
-        if _CPU.error is not None:
-            raise BuildError(_CPU.error)
-        ok, why = compatibility()
+        if state.error is not None:
+            raise BuildError(state.error)
+        ok, why = compatible()
         if not ok:
-            _CPU.error = f"fastelbo's C++ CPU kernels cannot be built here: {why}"
-            raise BuildError(_CPU.error)
-        flags = cpu_cflags()
-        sources = cpu_sources()
-        name = f"fastelbo_cpu_{_fingerprint(sources, flags)}"
-        directory = build_dir(name)
+            state.error = f"{what} cannot be built here: {why}"
+            raise BuildError(state.error)
+        p = plan()
         try:
-            _locked_load(name, sources, flags, directory)
+            p.build()
         except Exception as exc:  # the compiler's output is in the message
             tail = "\n".join(str(exc).strip().splitlines()[-25:])
-            _CPU.error = (
-                f"building fastelbo's C++ CPU kernels failed in {directory}:\n{tail}\n"
-                "Needed: a C++20 compiler with OpenMP (g++), ninja (pip install ninja) and the Python headers; "
-                "FASTELBO_VERBOSE_BUILD=1 shows the full compiler output."
-            )
-            raise BuildError(_CPU.error) from exc
-        _CPU.loaded = True
-        _CPU.path = directory
-        _CPU.library = directory / f"{name}.so"
+            state.error = f"building {what} failed in {p.directory}:\n{tail}\n{p.needed}"
+            raise BuildError(state.error) from exc
+        state.loaded = True
+        state.path = p.directory
+        state.library = p.directory / f"{p.name}.so"
+
+
+def load_cpu_extension() -> None:
+    """Builds (first time) and loads the CPU kernels; raises BuildError with what to do."""
+    def plan() -> _Plan:
+        flags = cpu_cflags()
+        sources = cpu_sources()
+        name = "fastelbo_cpu_" + _fingerprint(sources, flags, ("cpu",))
+        directory = build_dir(name)
+        return _Plan(name, directory, lambda: _locked_load(name, sources, flags, directory),
+                     "Needed: a C++20 compiler with OpenMP (g++), ninja (pip install ninja) and the Python headers; "
+                     "FASTELBO_VERBOSE_BUILD=1 shows the full compiler output.")
+
+    _load_once(_CPU, "fastelbo's C++ CPU kernels", compatibility, plan)
 
 
 def cpu_half_tables() -> dict[str, list[str]] | None:
@@ -303,15 +329,7 @@ def load_cuda_extension() -> None:
 
     Needs torch with CUDA, nvcc and ninja, not a GPU: the build check on GPU-less machines uses it.
     """
-    with _CUDA.lock:
-        if _CUDA.loaded:
-            return
-        if _CUDA.error is not None:
-            raise BuildError(_CUDA.error)
-        ok, why = cuda_compatibility()
-        if not ok:
-            _CUDA.error = f"fastelbo's CUDA kernels cannot be built here: {why}"
-            raise BuildError(_CUDA.error)
+    def plan() -> _Plan:
         from torch.utils import cpp_extension
 
         home = cuda_home()
@@ -320,21 +338,16 @@ def load_cuda_extension() -> None:
         cpp_extension.CUDA_HOME = str(home)
         nvcc_flags, cflags, sources = cuda_nvcc_flags(), cuda_cflags(), cuda_sources()
         key = nvcc_flags + cflags + [str(home), os.environ.get("TORCH_CUDA_ARCH_LIST", ""), str(torch.version.cuda)]
-        name = f"fastelbo_cuda_{_fingerprint(sources, key)}"
+        name = "fastelbo_cuda_" + _fingerprint(sources, key, ("cuda",))
         directory = build_dir(name)
-        try:
-            _locked_load(name, sources, cflags, directory, extra_ldflags=(), extra_cuda_cflags=nvcc_flags,
-                         extra_include_paths=cuda_include_paths(), with_cuda=True)
-        except Exception as exc:  # the compiler's output is in the message
-            tail = "\n".join(str(exc).strip().splitlines()[-25:])
-            _CUDA.error = (
-                f"building fastelbo's CUDA kernels failed in {directory}:\n{tail}\n"
-                f"Needed: nvcc matching torch's CUDA {torch.version.cuda} (CUDA_HOME={home}), a C++17 compiler and "
-                "ninja; FASTELBO_VERBOSE_BUILD=1 shows the full compiler output."
-            )
-            raise BuildError(_CUDA.error) from exc
-        _CUDA.loaded = True
-        _CUDA.path = directory
+        return _Plan(name, directory,
+                     lambda: _locked_load(name, sources, cflags, directory, extra_ldflags=(),
+                                          extra_cuda_cflags=nvcc_flags, extra_include_paths=cuda_include_paths(),
+                                          with_cuda=True),
+                     f"Needed: nvcc matching torch's CUDA {torch.version.cuda} (CUDA_HOME={home}), a C++17 compiler "
+                     "and ninja; FASTELBO_VERBOSE_BUILD=1 shows the full compiler output.")
+
+    _load_once(_CUDA, "fastelbo's CUDA kernels", cuda_compatibility, plan)
 
 
 def cuda_extension_status() -> tuple[bool, str]:
@@ -386,31 +399,20 @@ def load_emulated_extension() -> None:
 
     Registers the CPU kernels of the fastelbo::emu_<op> ops, which fastelbo._emulated defines first.
     """
-    with _EMU.lock:
-        if _EMU.loaded:
-            return
-        if _EMU.error is not None:
-            raise BuildError(_EMU.error)
-        ok, why = compatibility()
-        if not ok:
-            _EMU.error = f"the emulated CUDA kernels cannot be built here: {why}"
-            raise BuildError(_EMU.error)
+    def plan() -> _Plan:
         cu_files = sorted((csrc_dir() / "cuda").glob("*.cu"))
         flags = emulated_cflags()
         own = emulated_sources()
-        name = f"fastelbo_cuda_emulated_{_fingerprint(own + cu_files, flags, emulation=True)}"
+        name = "fastelbo_cuda_emulated_" + _fingerprint(own + cu_files, flags, ("cuda", "emu"))
         directory = build_dir(name)
-        try:
+
+        def build() -> None:
             sources = own + _emulated_wrappers(directory, cu_files)
             _locked_load(name, sources, flags, directory, extra_ldflags=("-lpthread", "-ldl"))
-        except Exception as exc:  # the compiler's output is in the message
-            tail = "\n".join(str(exc).strip().splitlines()[-25:])
-            _EMU.error = (f"building the emulated CUDA kernels (csrc/cuda on csrc/emu) failed in {directory}:\n"
-                          f"{tail}\nFASTELBO_VERBOSE_BUILD=1 shows the full compiler output.")
-            raise BuildError(_EMU.error) from exc
-        _EMU.loaded = True
-        _EMU.path = directory
-        _EMU.library = directory / f"{name}.so"
+
+        return _Plan(name, directory, build, "FASTELBO_VERBOSE_BUILD=1 shows the full compiler output.")
+
+    _load_once(_EMU, "the emulated CUDA kernels (csrc/cuda on csrc/emu)", compatibility, plan)
 
 
 def emulated_library() -> Path:

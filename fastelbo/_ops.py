@@ -16,7 +16,7 @@ The op-level shape contract (the Python API normalizes to it; kernels check it):
 
   rsample           mu, logvar [B, Dz]; num_samples = 0: z [B, Dz]; K >= 1: z [K, B, Dz],
                     z[k, b, j] = mu[b, j] + e^(lv[b, j] / 2) * eps[k, b, j], eps of logical
-                    element n = (k * B + b) * Dz + j (DESIGN §2); eps, when given, has z's shape.
+                    element n = (k * B + b) * Dz + j (docs/design.md §3); eps, when given, has z's shape.
   rsample_backward  grad_z [B, Dz] or [K, B, Dz] (K from its rank); dlogvar [B, Dz] summed
                     over k; deps of grad_z's shape (dmu = grad_z summed over k, in the glue).
   obs_logvar / gaussian_log_prob's logvar
@@ -47,6 +47,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ._dtypes import acc_dtype
 
 LIB = torch.library.Library("fastelbo", "DEF")
 
@@ -130,11 +132,6 @@ def _rows(like):
     return like.new_empty(like.shape[0])
 
 
-def _acc(dtype):
-    """The accumulation dtype of a floating dtype (DESIGN §1): float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _like_or_empty(wanted, like):
     return like.new_empty(like.shape) if wanted else like.new_empty(0)
 
@@ -206,7 +203,7 @@ def _(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_m
 @_register_fake("iwae_bound")
 def _(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
     torch._check(recon.dim() == 3 and z.dim() == 3, lambda: "recon and z must be [K, B, D]")
-    return x.new_empty(x.shape[0], dtype=recon.dtype), x.new_empty(recon.shape[:2], dtype=_acc(recon.dtype))
+    return x.new_empty(x.shape[0], dtype=recon.dtype), x.new_empty(recon.shape[:2], dtype=acc_dtype(recon.dtype))
 
 
 @_register_fake("iwae_bound_backward")
@@ -220,7 +217,7 @@ def _(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_log
 
 @_register_fake("free_bits_kl")
 def _(mu, logvar, prior_mu, prior_logvar, free_bits):
-    return _rows(mu), mu.new_empty(mu.shape[1], dtype=_acc(mu.dtype))
+    return _rows(mu), mu.new_empty(mu.shape[1], dtype=acc_dtype(mu.dtype))
 
 
 @_register_fake("free_bits_kl_backward")

@@ -1,4 +1,4 @@
-"""The noise of DESIGN §2 in plain torch: the reference the kernels are held to.
+"""The noise of docs/design.md §3 in plain torch: the reference the kernels are held to.
 
 Element n of a sampled tensor (row-major) is lane n % 4 of the four normals
 that Philox4x32-10 gives for counter group n // 4, exactly as Triton's
@@ -14,6 +14,8 @@ uint32 arithmetic is done in int64 tensors: products of two uint32 wrap mod
 from __future__ import annotations
 
 import torch
+
+from ._dtypes import acc_dtype
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -64,7 +66,7 @@ def uniforms(seed, n: int, device=None) -> torch.Tensor:
 
 def normals(seed, n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """eps of logical elements [0, n), Box-Muller in float64 for float64, float32 otherwise."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     u = [uniform(w).to(acc) for w in philox4x32_10(_groups(n, device), seed)]
     n0, n1 = box_muller(u[0], u[1])
     n2, n3 = box_muller(u[2], u[3])

@@ -1,4 +1,4 @@
-"""Where the 64-bit Philox seed of a sample comes from (DESIGN §2)."""
+"""Where the 64-bit Philox seed of a sample comes from (docs/design.md §3)."""
 
 from __future__ import annotations
 

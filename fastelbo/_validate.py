@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from ._autocast import AUTOCAST_DTYPES
+from ._dtypes import AUTOCAST_DTYPES
 
 _VALIDATE_ARGS = True
 
@@ -138,7 +138,7 @@ def samples(t, name: str, dims: str) -> torch.Tensor:
     return t
 
 
-def num_samples(value, like: torch.Tensor) -> int | None:
+def num_samples_value(value, like: torch.Tensor) -> int | None:
     """K >= 1 samples of `like` [B, Dz], or None. z [K, B, Dz] must be a tensor at all: K an int64 and
     the bytes of z within int64 (what torch can index); whether they can be allocated is the allocator's
     answer (fastelbo.functional.rsample names num_samples in it)."""
@@ -208,3 +208,111 @@ def beta_value(beta) -> float:
     if finite(beta) is None:
         raise ValueError(f"beta must be a finite number (the KL weight); got {beta}")
     return float(beta)
+
+
+# ---------------------------------------------------------------------------
+# The arguments of each public function (fastelbo.functional), checked in one call and returned as
+# the op takes them (priors and observation log-variances expanded, validate_args resolved): a call
+# goes down, functional -> here -> the backend's op, and back up with the result.
+# ---------------------------------------------------------------------------
+def rsample_args(mu, logvar, num_samples, generator, seed, eps) -> int | None:
+    """The number of samples K (None: one [B, Dz] sample; given eps [K, B, Dz] sets it)."""
+    pair(mu, "mu", logvar, "logvar", "[B, Dz]")
+    k = num_samples_value(num_samples, mu)
+    if eps is not None:
+        if seed is not None or generator is not None:
+            raise ValueError("rsample: pass eps= or seed=/generator=, not both")
+        if k is None and isinstance(eps, torch.Tensor) and eps.dim() == 3:
+            k = eps.shape[0]  # K samples' noise given: K samples
+        if k is None:
+            pair(mu, "mu", eps, "eps", "[B, Dz]")
+        else:
+            samples(eps, "eps", "[K, B, Dz]")
+            same_kind(mu, "mu", eps, "eps")
+            if tuple(eps.shape) != (k, *mu.shape):
+                raise ValueError(f"eps must have shape [num_samples, B, Dz] = {[k, *mu.shape]}; "
+                                 f"got {list(eps.shape)}")
+    return k
+
+
+def kl_args(mu, logvar, prior_mu, prior_logvar) -> tuple:
+    """(mu, logvar, prior_mu, prior_logvar) of gaussian_kl."""
+    pair(mu, "mu", logvar, "logvar", "[B, Dz]")
+    return (mu, logvar, *prior(prior_mu, prior_logvar, mu))
+
+
+def free_bits_args(mu, logvar, free_bits, prior_mu, prior_logvar) -> tuple:
+    """(mu, logvar, prior_mu, prior_logvar, free_bits) of free_bits_kl."""
+    pair(mu, "mu", logvar, "logvar", "[B, Dz]")
+    lam = free_bits_value(free_bits)
+    return (mu, logvar, *prior(prior_mu, prior_logvar, mu), lam)
+
+
+def bernoulli_args(logits, x, validate_args) -> tuple:
+    """(logits, x, validate_x) of bernoulli_log_prob."""
+    pair(logits, "logits", x, "x", "[B, Dx]")
+    return logits, x, validate_args_enabled(validate_args)
+
+
+def gaussian_args(mean, x, logvar) -> tuple:
+    """(mean, x, logvar as [1, Dx] or [B, Dx]) of gaussian_log_prob."""
+    pair(mean, "mean", x, "x", "[B, Dx]")
+    return mean, x, per_feature_rows(logvar, "logvar", mean, "mean")
+
+
+def elbo_args(x, recon, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, beta, validate_args) -> tuple:
+    """(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x) of elbo."""
+    choice(likelihood, "likelihood", LIKELIHOODS)
+    _likelihood_args(x, recon, "[B, Dx] or [K, B, Dx]")
+    _posterior_args(mu, logvar, x, recon)
+    beta = beta_value(beta)
+    s = _obs_logvar(likelihood, obs_logvar, recon)
+    validate_x = validate_args_enabled(validate_args) and likelihood == "bernoulli"
+    return (x, recon, mu, logvar, s, *prior(prior_mu, prior_logvar, mu), likelihood, beta, validate_x)
+
+
+def iwae_args(x, recon, z, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, validate_args) -> tuple:
+    """(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x) of iwae_bound."""
+    choice(likelihood, "likelihood", LIKELIHOODS)
+    samples(recon, "recon", "[K, B, Dx]")
+    _likelihood_args(x, recon, "[K, B, Dx]")
+    _posterior_args(mu, logvar, x, recon)
+    samples(z, "z", "[K, B, Dz]")
+    same_kind(mu, "mu", z, "z")
+    if z.shape[0] != recon.shape[0]:
+        raise ValueError(f"K mismatch between z and recon: z has {z.shape[0]} samples (shape {list(z.shape)}), "
+                         f"recon has {recon.shape[0]} (shape {list(recon.shape)})")
+    if tuple(z.shape[1:]) != tuple(mu.shape):
+        raise ValueError(f"z must have shape [K, B, Dz] = [{z.shape[0]}, {mu.shape[0]}, {mu.shape[1]}] "
+                         f"(K samples of mu's [B, Dz]); got {list(z.shape)}")
+    s = _obs_logvar(likelihood, obs_logvar, recon)
+    validate_x = validate_args_enabled(validate_args) and likelihood == "bernoulli"
+    return (x, recon, z, mu, logvar, s, *prior(prior_mu, prior_logvar, mu), likelihood, validate_x)
+
+
+def _likelihood_args(x, recon, recon_dims):
+    """recon [B, Dx] or [K, B, Dx] against x [B, Dx]: one dtype, device and [B, Dx]."""
+    tensor2d(x, "x", "[B, Dx]")
+    if isinstance(recon, torch.Tensor) and recon.dim() == 3:
+        samples(recon, "recon", recon_dims)
+        same_kind(recon, "recon", x, "x")
+        if recon.shape[1:] != x.shape:
+            raise ValueError(f"recon must have shape [K, B, Dx] with [B, Dx] = x's {list(x.shape)}; "
+                             f"got {list(recon.shape)}")
+    else:
+        pair(recon, "recon", x, "x", recon_dims)
+
+
+def _posterior_args(mu, logvar, x, recon):
+    pair(mu, "mu", logvar, "logvar", "[B, Dz]")
+    same_kind(recon, "recon", mu, "mu")
+    if mu.shape[0] != x.shape[0]:
+        raise ValueError(f"mu must have the batch size of x ({x.shape[0]}); got {mu.shape[0]}")
+
+
+def _obs_logvar(likelihood, obs_logvar, recon):
+    if likelihood == "gaussian":
+        return per_feature_rows(0.0 if obs_logvar is None else obs_logvar, "obs_logvar", recon, "recon")
+    if obs_logvar is not None:
+        raise ValueError("obs_logvar is only used by likelihood='gaussian'")
+    return None

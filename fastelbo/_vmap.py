@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from ._dtypes import acc_dtype
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def _iwae_rules(fwd, bwd):
 def _noise(fwd, like: torch.Tensor, shape, seed, k: int) -> torch.Tensor:
     """eps of one slice ([B, D], or [K, B, D] for k samples) in the accumulation dtype, drawn by the
     backend's rsample itself: z = 0 + e^0 * eps."""
-    zeros = like.new_zeros(shape, dtype=_ops._acc(like.dtype))
+    zeros = like.new_zeros(shape, dtype=acc_dtype(like.dtype))
     return fwd(zeros, zeros, seed, None, k)
 
 
@@ -236,7 +237,7 @@ def _rsample_rules(fwd, bwd):
         b, d = _logical(mu, in_dims[0])
         spread = samples if num_samples else rows
         if eps is None:
-            acc = _ops._acc(mu.dtype)
+            acc = acc_dtype(mu.dtype)
             eps = spread(_noise(fwd, mu, (b, d), seed, num_samples), None, n)
             z = fwd(rows(mu, in_dims[0], n).to(acc), rows(logvar, in_dims[1], n).to(acc), seed, eps, num_samples)
             z = z.to(mu.dtype)
@@ -253,7 +254,7 @@ def _rsample_rules(fwd, bwd):
         k = _logical(grad_z, in_dims[0])[0] if len(_logical(grad_z, in_dims[0])) == 3 else 0
         spread = samples if k else rows
         if eps is None:
-            acc = _ops._acc(logvar.dtype)
+            acc = acc_dtype(logvar.dtype)
             eps = spread(_noise(fwd, logvar, (b, d), seed, k), None, n)
             dlv, deps = bwd(spread(grad_z, in_dims[0], n).to(acc), rows(logvar, in_dims[1], n).to(acc), seed, eps,
                             output_mask)

@@ -36,21 +36,7 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
     the CPU allocator's RuntimeError), re-raised as the same type naming num_samples and z's bytes:
     what fits depends on the machine and on what else holds memory, so there is no fixed bound.
     """
-    v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
-    k = v.num_samples(num_samples, mu)
-    if eps is not None:
-        if seed is not None or generator is not None:
-            raise ValueError("rsample: pass eps= or seed=/generator=, not both")
-        if k is None and isinstance(eps, torch.Tensor) and eps.dim() == 3:
-            k = eps.shape[0]  # K samples' noise given: K samples
-        if k is None:
-            v.pair(mu, "mu", eps, "eps", "[B, Dz]")
-        else:
-            v.samples(eps, "eps", "[K, B, Dz]")
-            v.same_kind(mu, "mu", eps, "eps")
-            if tuple(eps.shape) != (k, *mu.shape):
-                raise ValueError(f"eps must have shape [num_samples, B, Dz] = {[k, *mu.shape]}; "
-                                 f"got {list(eps.shape)}")
+    k = v.rsample_args(mu, logvar, num_samples, generator, seed, eps)
     if generator is not None and _recomputing():
         raise RuntimeError(_RECOMPUTE_WITH_GENERATOR)
     ops = impl(backend, mu.device)
@@ -101,9 +87,8 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, backend="auto")
     prior_mu / prior_logvar: number or tensor of shape [], [Dz], [1, Dz] or
     [B, Dz] (broadcast over the batch); a missing one is 0.
     """
-    v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
-    pmu, plv = v.prior(prior_mu, prior_logvar, mu)
-    return impl(backend, mu.device).gaussian_kl(mu, logvar, pmu, plv)
+    args = v.kl_args(mu, logvar, prior_mu, prior_logvar)  # checked before mu.device is read
+    return impl(backend, mu.device).gaussian_kl(*args)
 
 
 def free_bits_kl(mu, logvar, free_bits, prior_mu=None, prior_logvar=None, *, backend="auto") -> torch.Tensor:
@@ -116,25 +101,22 @@ def free_bits_kl(mu, logvar, free_bits, prior_mu=None, prior_logvar=None, *, bac
     every row, and so is the gradient of each of its elements (max(free_bits,
     NaN) is NaN). free_bits=0 is gaussian_kl. Priors as gaussian_kl.
     """
-    v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
-    lam = v.free_bits_value(free_bits)
-    pmu, plv = v.prior(prior_mu, prior_logvar, mu)
-    return impl(backend, mu.device).free_bits_kl(mu, logvar, pmu, plv, lam)[0]
+    args = v.free_bits_args(mu, logvar, free_bits, prior_mu, prior_logvar)
+    return impl(backend, mu.device).free_bits_kl(*args)[0]
 
 
 def bernoulli_log_prob(logits, x, *, backend="auto", validate_args=None) -> torch.Tensor:
     """log Bernoulli(x | sigmoid(logits)) per row; x may be continuous in [0, 1]."""
-    v.pair(logits, "logits", x, "x", "[B, Dx]")
     # The range check of x runs inside the kernel, in the pass that reads x anyway.
-    return impl(backend, logits.device).bernoulli_log_prob(logits, x, v.validate_args_enabled(validate_args))
+    args = v.bernoulli_args(logits, x, validate_args)
+    return impl(backend, logits.device).bernoulli_log_prob(*args)
 
 
 def gaussian_log_prob(mean, x, logvar=0.0, *, backend="auto") -> torch.Tensor:
     """log N(x | mean, e^logvar) per row; logvar: number or tensor of shape [], [Dx], [1, Dx] or [B, Dx]
     (a per-feature logvar's gradient is reduced over the batch inside the kernel)."""
-    v.pair(mean, "mean", x, "x", "[B, Dx]")
-    s = v.per_feature_rows(logvar, "logvar", mean, "mean")
-    return impl(backend, mean.device).gaussian_log_prob(mean, x, s)
+    args = v.gaussian_args(mean, x, logvar)
+    return impl(backend, mean.device).gaussian_log_prob(*args)
 
 
 def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None, prior_logvar=None,
@@ -149,15 +131,8 @@ def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior
     num_samples=K)): the log-likelihood is then the K-sample average per row.
     Returns ELBOTerms(elbo, log_likelihood, kl), each [B].
     """
-    v.choice(likelihood, "likelihood", v.LIKELIHOODS)
-    _likelihood_args(x, recon, "[B, Dx] or [K, B, Dx]")
-    _posterior_args(mu, logvar, x, recon)
-    beta = v.beta_value(beta)
-    s = _obs_logvar(likelihood, obs_logvar, recon)
-    validate_x = v.validate_args_enabled(validate_args) and likelihood == "bernoulli"
-    pmu, plv = v.prior(prior_mu, prior_logvar, mu)
-    out = impl(backend, recon.device).elbo(x, recon, mu, logvar, s, pmu, plv, likelihood, beta, validate_x)
-    return ELBOTerms(*out)
+    args = v.elbo_args(x, recon, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, beta, validate_args)
+    return ELBOTerms(*impl(backend, recon.device).elbo(*args))
 
 
 def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
@@ -171,47 +146,5 @@ def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=No
     backward weights each sample by its softmax weight. K = 1 is the single-sample ELBO with the
     Monte Carlo KL. likelihood, obs_logvar and the prior as in elbo().
     """
-    v.choice(likelihood, "likelihood", v.LIKELIHOODS)
-    v.samples(recon, "recon", "[K, B, Dx]")
-    _likelihood_args(x, recon, "[K, B, Dx]")
-    _posterior_args(mu, logvar, x, recon)
-    v.samples(z, "z", "[K, B, Dz]")
-    v.same_kind(mu, "mu", z, "z")
-    if z.shape[0] != recon.shape[0]:
-        raise ValueError(f"K mismatch between z and recon: z has {z.shape[0]} samples (shape {list(z.shape)}), "
-                         f"recon has {recon.shape[0]} (shape {list(recon.shape)})")
-    if tuple(z.shape[1:]) != tuple(mu.shape):
-        raise ValueError(f"z must have shape [K, B, Dz] = [{z.shape[0]}, {mu.shape[0]}, {mu.shape[1]}] "
-                         f"(K samples of mu's [B, Dz]); got {list(z.shape)}")
-    s = _obs_logvar(likelihood, obs_logvar, recon)
-    validate_x = v.validate_args_enabled(validate_args) and likelihood == "bernoulli"
-    pmu, plv = v.prior(prior_mu, prior_logvar, mu)
-    return impl(backend, recon.device).iwae_bound(x, recon, z, mu, logvar, s, pmu, plv, likelihood, validate_x)[0]
-
-
-def _likelihood_args(x, recon, recon_dims):
-    """recon [B, Dx] or [K, B, Dx] against x [B, Dx]: one dtype, device and [B, Dx]."""
-    v.tensor2d(x, "x", "[B, Dx]")
-    if isinstance(recon, torch.Tensor) and recon.dim() == 3:
-        v.samples(recon, "recon", recon_dims)
-        v.same_kind(recon, "recon", x, "x")
-        if recon.shape[1:] != x.shape:
-            raise ValueError(f"recon must have shape [K, B, Dx] with [B, Dx] = x's {list(x.shape)}; "
-                             f"got {list(recon.shape)}")
-    else:
-        v.pair(recon, "recon", x, "x", recon_dims)
-
-
-def _posterior_args(mu, logvar, x, recon):
-    v.pair(mu, "mu", logvar, "logvar", "[B, Dz]")
-    v.same_kind(recon, "recon", mu, "mu")
-    if mu.shape[0] != x.shape[0]:
-        raise ValueError(f"mu must have the batch size of x ({x.shape[0]}); got {mu.shape[0]}")
-
-
-def _obs_logvar(likelihood, obs_logvar, recon):
-    if likelihood == "gaussian":
-        return v.per_feature_rows(0.0 if obs_logvar is None else obs_logvar, "obs_logvar", recon, "recon")
-    if obs_logvar is not None:
-        raise ValueError("obs_logvar is only used by likelihood='gaussian'")
-    return None
+    args = v.iwae_args(x, recon, z, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, validate_args)
+    return impl(backend, recon.device).iwae_bound(*args)[0]

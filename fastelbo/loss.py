@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import _validate as v
+from ._dtypes import acc_dtype
 from ._backend import _check_name
 from .functional import elbo, free_bits_kl, iwae_bound
 
@@ -92,7 +93,7 @@ class ELBOLoss(nn.Module):
         """
         # The elbo call validates every argument before anything is cast below.
         ll = elbo(x, recon, mu, logvar, beta=0.0, **kw).log_likelihood
-        acc = torch.float64 if ll.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(ll.dtype)
         # The free-bits kernels compute in the accumulation dtype anyway: on upcast inputs their
         # rows come back unrounded (and the gradients are rounded once, by the casts' backward).
         up = [t.to(acc) if isinstance(t, torch.Tensor) else t for t in (mu, logvar, kw["prior_mu"], kw["prior_logvar"])]

@@ -6,8 +6,8 @@ take the same arguments as the public API (priors and observation
 log-variance broadcast by torch's own rules) and do no argument checking of
 their own: fastelbo's API validates before it calls them.
 
-Noise: ``rsample`` follows DESIGN §2 (Philox4x32-10 as tl.randn4x, see
-fastelbo._philox), so one seed gives the same z here as in every kernel.
+Noise: ``rsample`` follows docs/design.md §3 (Philox4x32-10 as tl.randn4x,
+see fastelbo._philox), so one seed gives the same z here as in every kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 from . import _philox
+from ._dtypes import acc_dtype
 from ._seed import seed_tensor
 from ._validate import unit_interval
 
@@ -49,7 +50,7 @@ def _std(logvar: torch.Tensor) -> torch.Tensor:
 def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None) -> torch.Tensor:
     """z = mu + exp(logvar / 2) * eps: Normal(mu, exp(logvar / 2)).rsample() with eps given.
 
-    num_samples=K: z of shape [K, B, Dz], eps over the logical [K, B, Dz] index (DESIGN §2).
+    num_samples=K: z of shape [K, B, Dz], eps over the logical [K, B, Dz] index (docs/design.md §3).
     """
     q = Normal(mu, _std(logvar), validate_args=False)
     shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
@@ -63,10 +64,10 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
 def _prior_params(prior_mu, prior_logvar, like) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, log-variance) of p(z) = N(prior_mu, e^prior_logvar) as tensors of like's shape and dtype,
     a missing half standard (mean 0, log-variance 0)."""
-    pmu = torch.zeros_like(like) if prior_mu is None else torch.as_tensor(prior_mu, dtype=like.dtype, device=like.device)
-    plv = (torch.zeros_like(like) if prior_logvar is None
-           else torch.as_tensor(prior_logvar, dtype=like.dtype, device=like.device))
-    return pmu.expand_as(like), plv.expand_as(like)
+    def param(value):
+        return torch.zeros_like(like) if value is None else torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+    return param(prior_mu).expand_as(like), param(prior_logvar).expand_as(like)
 
 
 def _prior_normal(prior_mu, prior_logvar, like) -> Normal:
@@ -167,6 +168,11 @@ def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=No
     """
     lw = iwae_log_weights(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
                           prior_mu=prior_mu, prior_logvar=prior_logvar)
+    return _log_mean_exp(lw)
+
+
+def _log_mean_exp(lw: torch.Tensor) -> torch.Tensor:
+    """log (1/K) sum_k e^(lw[k]) over the samples (dim 0): torch.logsumexp, stable for large log-weights."""
     return torch.logsumexp(lw, dim=0) - math.log(lw.shape[0])
 
 
@@ -197,23 +203,18 @@ class _ReferenceOps:
         return tuple(elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, prior_mu=prior_mu,
                           prior_logvar=prior_logvar, beta=beta))
 
-
     @staticmethod
     def iwae_bound(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
         if validate_x and likelihood == "bernoulli":
             unit_interval(x)
         lw = iwae_log_weights(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
                               prior_mu=prior_mu, prior_logvar=prior_logvar)
-        return torch.logsumexp(lw, dim=0) - math.log(lw.shape[0]), lw.to(_acc(lw.dtype))
+        return _log_mean_exp(lw), lw.to(acc_dtype(lw.dtype))
 
     @staticmethod
     def free_bits_kl(mu, logvar, prior_mu, prior_logvar, free_bits):
         kl_dims = _kl_elements(mu, logvar, prior_mu, prior_logvar).mean(0)
-        return free_bits_kl(mu, logvar, free_bits, prior_mu, prior_logvar), kl_dims.detach().to(_acc(mu.dtype))
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+        return free_bits_kl(mu, logvar, free_bits, prior_mu, prior_logvar), kl_dims.detach().to(acc_dtype(mu.dtype))
 
 
 OPS = _ReferenceOps()

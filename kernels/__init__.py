@@ -7,7 +7,10 @@
                  (recon [B, Dx] or K samples [K, B, Dx])
     iwae.py      the importance-weighted bound: log-weights [K, B] and their log-sum-exp
     free_bits.py KL with free bits: per-dimension batch means, then the floored rows
-    _tiles.py    tile sizes, autotuning, launch helpers and shared @triton.jit helpers
+    _launch.py   host side: tile sizes, autotuning, launches, the launchers' operand helpers
+    _checks.py   host side: the ops' argument checks (the Triton twin of csrc/checks.h)
+    _tiles.py    @triton.jit loads and stores of [ROWS, BLOCK] tiles
+    _math.py     @triton.jit per-element math and noise (the Triton twin of csrc/fastelbo_math.h)
 
 each registered as ``fastelbo::triton_<op>`` / ``fastelbo::triton_<op>_backward``
 with torch.library.triton_op (torch.compile traces into them), the autograd
@@ -26,9 +29,9 @@ import torch
 
 from fastelbo import _autocast, _ops, _vmap
 
-from . import _tiles, elbo, free_bits, iwae, kl, loglik, rsample  # noqa: F401  (defines and registers the ops)
+from . import _launch, elbo, free_bits, iwae, kl, loglik, rsample  # noqa: F401  (defines and registers the ops)
 
-INTERPRET = _tiles.INTERPRET
+INTERPRET = _launch.INTERPRET
 
 for _family in _ops.FAMILIES:
     _ops.register_autograd(f"fastelbo::triton_{_family}", _family,

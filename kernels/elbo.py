@@ -1,4 +1,4 @@
-"""The fused ELBO (DESIGN §1 row 6), Triton: per row, log p(x | recon) over Dx and
+"""The fused ELBO (docs/design.md §1), Triton: per row, log p(x | recon) over Dx and
 KL(q || p) over Dz in ONE launch, elbo = loglik - beta * KL; the backward is one
 launch too, the upstream gradients of (elbo, loglik, kl) folded into one scale
 per term (csrc/cpu/elbo.cpp):
@@ -18,12 +18,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from . import _checks as C
+from . import _launch as L
 from . import _tiles as T
-from .kl import check_kl_args, kl_flags, kl_grad_rows, kl_operands, kl_rows
+from .kl import kl_flags, kl_grad_rows, kl_operands, kl_rows
 from .loglik import (loglik_flags, loglik_grad_cols, loglik_operands, loglik_rows, obs_logvar_grad,
                      reduce_obs_logvar)
-
-LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 # ---------------------------------------------------------------------------
@@ -103,54 +103,25 @@ def _elbo_bwd_kernel(
                              WANT_LV, WANT_PMU, WANT_PLV, FP64, BLOCK_Z)
 
 
-_elbo_fwd_tuned = T.row_autotune(_elbo_fwd_kernel, key=["DX", "DZ"])
-_elbo_bwd_tuned = T.row_autotune(_elbo_bwd_kernel, key=["DX", "DZ"])
+_elbo_fwd_tuned = L.row_autotune(_elbo_fwd_kernel, key=["DX", "DZ"])
+_elbo_bwd_tuned = L.row_autotune(_elbo_bwd_kernel, key=["DX", "DZ"])
 
 
 # ---------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------
-def check_recon(x, recon, likelihood, obs_logvar):
-    """x [B, Dx]; recon [B, Dx] or [K, B, Dx] (K samples); obs_logvar [1, Dx] or [B, Dx]."""
-    torch._check(likelihood in LIKELIHOODS,
-                 lambda: f"fastelbo: likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
-    T.check_like(x, "x", None, "")
-    torch._check(recon.dim() in (2, 3), lambda: f"fastelbo: recon must be [B, Dx] or [K, B, Dx], got shape "
-                 f"{tuple(recon.shape)}")
-    if recon.dim() == 2:
-        T.check_like(recon, "recon", x, "x")
-    else:
-        T.check_samples(recon, "recon", x, "x")
-    T.check_obs_logvar(obs_logvar, "obs_logvar", x)
-    torch._check(likelihood != "gaussian" or obs_logvar is not None,
-                 lambda: "fastelbo: the gaussian likelihood needs obs_logvar (the Python API fills 0)")
-
-
-def check_latents(x, mu, logvar, prior_mu, prior_logvar):
-    check_kl_args(mu, logvar, prior_mu, prior_logvar)
-    torch._check(mu.shape[0] == x.shape[0],
-                 lambda: f"fastelbo: mu must have the batch size of x ({x.shape[0]}), got {mu.shape[0]}")
-    torch._check(mu.dtype == x.dtype, lambda: f"fastelbo: mu must have dtype {x.dtype}, got {mu.dtype}")
-    T.check_device(x, "x", mu, "mu")
-
-
-def check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood):
-    check_recon(x, recon, likelihood, obs_logvar)
-    check_latents(x, mu, logvar, prior_mu, prior_logvar)
-
-
 def recon_strides(recon):
     """(k stride, row stride, column stride) of recon [B, Dx] (k stride 0) or [K, B, Dx]."""
     return (0, *recon.stride()) if recon.dim() == 2 else tuple(recon.stride())
 
 
 def _blocks(x, mu):
-    bx, bz = T.block_for(x.shape[1]), T.block_for(mu.shape[1])
+    bx, bz = L.block_for(x.shape[1]), L.block_for(mu.shape[1])
     return bx, bz, max(bx, bz)
 
 
 def elbo_fwd(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x=False):
-    check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
+    C.check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
     gaussian = likelihood == "gaussian"
     s = obs_logvar if gaussian else None
     B, DX = x.shape
@@ -162,21 +133,20 @@ def elbo_fwd(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihoo
     (r_p, x_p, s_p), (_, _, s_x0, s_x1, s_s0, s_s1) = loglik_operands(recon, x, s)
     kl_ptrs, kl_strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
     bx, bz, widest = _blocks(x, mu)
-    T.launch_rows(_elbo_fwd_kernel, _elbo_fwd_tuned, B,
-                  (x_p, r_p, s_p, *kl_ptrs, elbo, ll, kl, bad, B, DX, DZ, K, *T.split_float(beta),
+    L.launch_rows(_elbo_fwd_kernel, _elbo_fwd_tuned, B,
+                  (x_p, r_p, s_p, *kl_ptrs, elbo, ll, kl, bad, B, DX, DZ, K, *L.split_float(beta),
                    s_x0, s_x1, *recon_strides(recon), s_s0, s_s1, *kl_strides), widest,
                   GAUSSIAN=int(gaussian), HAS_PRIOR=int(prior_mu is not None), VALIDATE=int(validate),
-                  FP64=T.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
+                  FP64=L.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
     if validate:
-        T.check_unit_interval(bad)
+        C.check_unit_interval(bad)
     return elbo, ll, kl
 
 
 def elbo_bwd(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood,
              beta, output_mask):
-    check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
-    for g, name in ((grad_elbo, "grad_elbo"), (grad_loglik, "grad_loglik"), (grad_kl, "grad_kl")):
-        T.check_row_grad(g, name, x)
+    C.check_elbo_args(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
+    C.check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x)
     gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
     want = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]), bool(output_mask[3]),
             bool(output_mask[4]) and gaussian, bool(output_mask[5]) and has_prior, bool(output_mask[6]) and has_prior]
@@ -185,21 +155,21 @@ def elbo_bwd(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, 
     DZ = mu.shape[1]
     K = recon.shape[0] if recon.dim() == 3 else 1
     bx, bz, widest = _blocks(x, mu)
-    dx, dr, dmu, dlv, dpmu, dplv = (T.grad_or_empty(want[i], like) for i, like in
+    dx, dr, dmu, dlv, dpmu, dplv = (L.grad_or_empty(want[i], like) for i, like in
                                     ((0, x), (1, recon), (2, mu), (3, mu), (5, mu), (6, mu)))
     ds, part, slots = obs_logvar_grad(want[4], s, B, triton.cdiv(max(DX, 1), bx), x)
     if any(want) and B > 0:
         (r_p, x_p, s_p), (_, _, s_x0, s_x1, s_s0, s_s1) = loglik_operands(recon, x, s)
         kl_ptrs, kl_strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
         gs = [g if g is not None else x for g in (grad_elbo, grad_loglik, grad_kl)]
-        T.launch_rows_2d(_elbo_bwd_kernel, _elbo_bwd_tuned, B, DX,
+        L.launch_rows_2d(_elbo_bwd_kernel, _elbo_bwd_tuned, B, DX,
                          (*gs, x_p, r_p, s_p, *kl_ptrs, dx, dr, ds, part, dmu, dlv, dpmu, dplv, B, DX, DZ, K,
                           *(0 if g is None else g.stride(0) for g in (grad_elbo, grad_loglik, grad_kl)),
-                          *T.split_float(beta), s_x0, s_x1, *recon_strides(recon), s_s0, s_s1, *kl_strides),
+                          *L.split_float(beta), s_x0, s_x1, *recon_strides(recon), s_s0, s_s1, *kl_strides),
                          widest, bx, slots,
                          HAS_GE=int(grad_elbo is not None), HAS_GL=int(grad_loglik is not None),
                          HAS_GK=int(grad_kl is not None), **loglik_flags(gaussian, want[1], want[0], want[4], slots),
-                         **kl_flags(prior_mu, *want[2:4], *want[5:]), FP64=T.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
+                         **kl_flags(prior_mu, *want[2:4], *want[5:]), FP64=L.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
         if slots is not None:
             ds = reduce_obs_logvar(part, s)
     else:
@@ -212,7 +182,7 @@ def elbo_bwd(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, 
 # Registration
 # ---------------------------------------------------------------------------
 @triton_op("fastelbo::triton_elbo", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_elbo")
+@L.opaque_under_interpreter("fastelbo::triton_elbo")
 def triton_elbo(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                 obs_logvar: torch.Tensor | None, prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None,
                 likelihood: str, beta: float, validate_x: bool = False) -> tuple[torch.Tensor, torch.Tensor,
@@ -221,7 +191,7 @@ def triton_elbo(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: 
 
 
 @triton_op("fastelbo::triton_elbo_backward", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_elbo_backward")
+@L.opaque_under_interpreter("fastelbo::triton_elbo_backward")
 def triton_elbo_backward(grad_elbo: torch.Tensor | None, grad_loglik: torch.Tensor | None,
                          grad_kl: torch.Tensor | None, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor,
                          logvar: torch.Tensor, obs_logvar: torch.Tensor | None, prior_mu: torch.Tensor | None,

@@ -1,9 +1,9 @@
-"""The importance-weighted bound (IWAE, Burda et al. 2016; DESIGN §1 row 7), Triton; reference:
+"""The importance-weighted bound (IWAE, Burda et al. 2016; docs/design.md §1), Triton; reference:
 fastelbo.reference.iwae_log_weights / iwae_bound:
     log w[k, b] = ll(recon[k, b], x[b]) + sum_j log p(z[k, b, j]) - log q(z[k, b, j] | x[b])
     bound[b]    = logsumexp_k log w[k, b] - log K
 forward   per row tile, for each sample k: the log-likelihood over Dx (kernels/loglik.py
-          loglik_rows) plus the latent term over Dz (_tiles.log_pq_element, fastelbo_math.h
+          loglik_rows) plus the latent term over Dz (_math.log_pq_element, fastelbo_math.h
           log_pq_std / log_pq_normal), stored as log_weights [K, B] (accumulation type), and an
           online log-sum-exp over k (running max and rescaled sum: no overflow for log-weights
           of +-1e4; the bound is the max when it is +-inf, NaN when any log-weight is NaN).
@@ -11,7 +11,7 @@ backward  c[k, b] = dL/dlog w[k, b] (the glue forms softmax_k(log w) * grad_boun
           drecon[k] = c * dll/drecon, dx = sum_k c * dll/dx, d obs_logvar summed over k
           (and over rows for a [1, Dx] one: per-slot partials) -- loglik_grad_cols with a
           per-sample scale; dz[k] = c * dlog_pq/dz and dmu, dlv, dpmu, dplv = sum_k c * d/d.
-          (_tiles.log_pq_element_grad). Grid (row tiles or slots) x Dx chunks; the programs
+          (_math.log_pq_element_grad). Grid (row tiles or slots) x Dx chunks; the programs
           of chunk 0 do the latent terms.
 """
 
@@ -24,9 +24,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from fastelbo._dtypes import acc_dtype
+
+from . import _checks as C
+from . import _launch as L
+from . import _math as M
 from . import _tiles as T
-from .elbo import _blocks, check_recon, recon_strides
-from .kl import check_kl_args, kl_flags, kl_operands
+from .elbo import _blocks, recon_strides
+from .kl import kl_flags, kl_operands
 from .loglik import (loglik_flags, loglik_grad_cols, loglik_operands, loglik_rows, obs_logvar_grad,
                      outside_unit_rows, reduce_obs_logvar)
 
@@ -39,14 +44,14 @@ def log_pq_rows(z_ptr, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, row_mask, D,
                 s_z0, s_z1, s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
                 HAS_PRIOR: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """sum_j log p(z[b, j]) - log q(z[b, j] | x[b]) of each row of the tile, [ROWS], accumulation type."""
-    total = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+    total = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
     for j0 in range(0, D, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (cols < D)[None, :]
         z = T.load_tile(z_ptr, rows, cols, s_z0, s_z1, mask, FP64)
         mu, lv, pmu, plv = T.load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols, s_m0, s_m1, s_l0, s_l1,
                                                   s_pm0, s_pm1, s_pl0, s_pl1, mask, HAS_PRIOR, FP64)
-        total += tl.where(mask, T.log_pq_element(z, mu, lv, pmu, plv, HAS_PRIOR), 0.0)
+        total += tl.where(mask, M.log_pq_element(z, mu, lv, pmu, plv, HAS_PRIOR), 0.0)
     return tl.sum(total, axis=1)
 
 
@@ -64,15 +69,15 @@ def log_pq_grad_rows(c_ptr, s_ck, s_cb, z_ptr, mu_ptr, lv_ptr, pmu_ptr, plv_ptr,
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu, lv, pmu, plv = T.load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols, s_m0, s_m1, s_l0, s_l1,
                                                   s_pm0, s_pm1, s_pl0, s_pl1, mask, HAS_PRIOR, FP64)
-        dmu = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
-        dlv = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
-        dpmu = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
-        dplv = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        dmu = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        dlv = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        dpmu = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        dplv = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
         for k in range(K):
             kk = tl.full([], k, tl.int64)
             cc = T.load_row_scalar(c_ptr + kk * s_ck, rows, s_cb, row_mask, True, FP64)[:, None]
             z = T.load_tile(z_ptr + kk * s_zk, rows, cols, s_z0, s_z1, mask, FP64)
-            gz, gmu, glv, gpmu, gplv = T.log_pq_element_grad(z, mu, lv, pmu, plv, HAS_PRIOR)
+            gz, gmu, glv, gpmu, gplv = M.log_pq_element_grad(z, mu, lv, pmu, plv, HAS_PRIOR)
             if WANT_Z:
                 T.store_tile(dz_ptr + kk * B * D, rows, cols, D, cc * gz, mask)
             dmu += cc * gmu
@@ -113,8 +118,8 @@ def _iwae_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = T.row_ids(pid, ROWS)
     row_mask = rows < B
-    m = T.acc(tl.full([ROWS], float("-inf"), tl.float32), FP64)  # running max of log w over k
-    total = T.acc(tl.zeros([ROWS], dtype=tl.float32), FP64)  # running sum of e^(log w - m)
+    m = M.acc(tl.full([ROWS], float("-inf"), tl.float32), FP64)  # running max of log w over k
+    total = M.acc(tl.zeros([ROWS], dtype=tl.float32), FP64)  # running sum of e^(log w - m)
     has_nan = tl.zeros([ROWS], dtype=tl.int1)
     if VALIDATE:  # x in [0, 1], once (not once per sample)
         tl.store(bad_ptr + rows, outside_unit_rows(x_ptr, rows, row_mask, DX, s_x0, s_x1, FP64, ROWS,
@@ -133,7 +138,7 @@ def _iwae_fwd_kernel(
                  + tl.where(lw == m_new, 1.0, tl.exp(lw - m_new)))
         m = m_new
     lse = tl.where(tl.abs(m) == float("inf"), m, m + tl.log(total))
-    log_k = tl.log(T.acc(tl.full([ROWS], K, tl.int32), FP64))
+    log_k = tl.log(M.acc(tl.full([ROWS], K, tl.int32), FP64))
     bound = tl.where(has_nan, float("nan"), lse - log_k)
     tl.store(bound_ptr + rows, bound.to(bound_ptr.dtype.element_ty), mask=row_mask)
 
@@ -175,45 +180,21 @@ def _iwae_bwd_kernel(
                                  WANT_PLV, FP64, ROWS, BLOCK_Z)
 
 
-_iwae_fwd_tuned = T.row_autotune(_iwae_fwd_kernel, key=["DX", "DZ"])
-_iwae_bwd_tuned = T.row_autotune(_iwae_bwd_kernel, key=["DX", "DZ"])
+_iwae_fwd_tuned = L.row_autotune(_iwae_fwd_kernel, key=["DX", "DZ"])
+_iwae_bwd_tuned = L.row_autotune(_iwae_bwd_kernel, key=["DX", "DZ"])
 
 
 # ---------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------
-def check_iwae_args(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood):
-    T.check_like(x, "x", None, "")
-    torch._check(recon.dim() == 3, lambda: f"fastelbo: recon must be [K, B, Dx], got shape {tuple(recon.shape)}")
-    torch._check(z.dim() == 3, lambda: f"fastelbo: z must be [K, B, Dz], got shape {tuple(z.shape)}")
-    torch._check(z.shape[0] == recon.shape[0], lambda: (
-        f"fastelbo: K mismatch between z and recon: z has {z.shape[0]} samples, recon {recon.shape[0]}"))
-    torch._check(recon.shape[1] == x.shape[0], lambda: (
-        f"fastelbo: recon must have the batch size of x ({x.shape[0]}), got {recon.shape[1]}"))
-    torch._check(recon.shape[2] == x.shape[1], lambda: (
-        f"fastelbo: recon must have Dx = {x.shape[1]} (x's), got {recon.shape[2]}"))
-    check_recon(x, recon, likelihood, obs_logvar)
-    check_kl_args(mu, logvar, prior_mu, prior_logvar)
-    torch._check(mu.shape[0] == x.shape[0],
-                 lambda: f"fastelbo: mu must have the batch size of x ({x.shape[0]}), got {mu.shape[0]}")
-    torch._check(z.shape[1] == mu.shape[0],
-                 lambda: f"fastelbo: z must have the batch size of mu ({mu.shape[0]}), got {z.shape[1]}")
-    torch._check(z.shape[2] == mu.shape[1],
-                 lambda: f"fastelbo: z must have Dz = {mu.shape[1]} (mu's), got {z.shape[2]}")
-    torch._check(mu.dtype == x.dtype, lambda: f"fastelbo: mu must have dtype {x.dtype}, got {mu.dtype}")
-    torch._check(z.dtype == x.dtype, lambda: f"fastelbo: z must have dtype {x.dtype}, got {z.dtype}")
-    T.check_device(x, "x", mu, "mu")
-    T.check_device(x, "x", z, "z")
-
-
 def iwae_fwd(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
-    check_iwae_args(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
+    C.check_iwae_args(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
     gaussian = likelihood == "gaussian"
     s = obs_logvar if gaussian else None
     B, DX = x.shape
     K, DZ = recon.shape[0], mu.shape[1]
     bound = x.new_empty(B)
-    lw = x.new_empty((K, B), dtype=T.acc_dtype(x))
+    lw = x.new_empty((K, B), dtype=acc_dtype(x.dtype))
     validate = bool(validate_x) and not gaussian
     bad = x.new_empty(B if validate else 0, dtype=torch.int8)
     if K == 0:  # log of an empty mean
@@ -222,24 +203,20 @@ def iwae_fwd(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likeli
     (r_p, x_p, s_p), (_, _, s_x0, s_x1, s_s0, s_s1) = loglik_operands(recon, x, s)
     kl_ptrs, kl_strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
     bx, bz, widest = _blocks(x, mu)
-    T.launch_rows(_iwae_fwd_kernel, _iwae_fwd_tuned, B,
+    L.launch_rows(_iwae_fwd_kernel, _iwae_fwd_tuned, B,
                   (x_p, r_p, s_p, z, *kl_ptrs, bound, lw, bad, B, DX, DZ, K, s_x0, s_x1, *recon_strides(recon),
                    s_s0, s_s1, *z.stride(), *kl_strides), widest,
                   GAUSSIAN=int(gaussian), HAS_PRIOR=int(prior_mu is not None), VALIDATE=int(validate),
-                  FP64=T.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
+                  FP64=L.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
     if validate:
-        T.check_unit_interval(bad)
+        C.check_unit_interval(bad)
     return bound, lw
 
 
 def iwae_bwd(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, output_mask):
-    check_iwae_args(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
+    C.check_iwae_args(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood)
     c = grad_log_weights
-    torch._check(tuple(c.shape) == tuple(recon.shape[:2]), lambda: (
-        f"fastelbo: grad_log_weights must have shape {tuple(recon.shape[:2])}, got {tuple(c.shape)}"))
-    torch._check(c.dtype == T.acc_dtype(x), lambda: f"fastelbo: grad_log_weights must have dtype {T.acc_dtype(x)} "
-                 f"(the log-weights'), got {c.dtype}")
-    T.check_device(x, "x", c, "grad_log_weights")
+    C.check_log_weights_grad(c, recon, x)
     gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
     want = [bool(m) for m in output_mask[:5]] + [bool(output_mask[5]) and gaussian,
                                                 bool(output_mask[6]) and has_prior, bool(output_mask[7]) and has_prior]
@@ -247,18 +224,18 @@ def iwae_bwd(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, pr
     B, DX = x.shape
     K, DZ = recon.shape[0], mu.shape[1]
     bx, bz, widest = _blocks(x, mu)
-    dx, dr, dz, dmu, dlv, dpmu, dplv = (T.grad_or_empty(want[i], like) for i, like in
+    dx, dr, dz, dmu, dlv, dpmu, dplv = (L.grad_or_empty(want[i], like) for i, like in
                                         ((0, x), (1, recon), (2, z), (3, mu), (4, mu), (6, mu), (7, mu)))
     ds, part, slots = obs_logvar_grad(want[5], s, B, triton.cdiv(max(DX, 1), bx), x)
     if any(want) and B > 0:
         (r_p, x_p, s_p), (_, _, s_x0, s_x1, s_s0, s_s1) = loglik_operands(recon, x, s)
         kl_ptrs, kl_strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
-        T.launch_rows_2d(_iwae_bwd_kernel, _iwae_bwd_tuned, B, DX,
+        L.launch_rows_2d(_iwae_bwd_kernel, _iwae_bwd_tuned, B, DX,
                          (c, x_p, r_p, s_p, z, *kl_ptrs, dx, dr, ds, part, dz, dmu, dlv, dpmu, dplv, B, DX, DZ, K,
                           *c.stride(), s_x0, s_x1, *recon_strides(recon), s_s0, s_s1, *z.stride(), *kl_strides),
                          widest, bx, slots,
                          WANT_Z=int(want[2]), **loglik_flags(gaussian, want[1], want[0], want[5], slots),
-                         **kl_flags(prior_mu, *want[3:5], *want[6:]), FP64=T.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
+                         **kl_flags(prior_mu, *want[3:5], *want[6:]), FP64=L.fp64(x), BLOCK_X=bx, BLOCK_Z=bz)
         if slots is not None:
             ds = reduce_obs_logvar(part, s)
     else:
@@ -271,7 +248,7 @@ def iwae_bwd(grad_log_weights, x, recon, z, mu, logvar, obs_logvar, prior_mu, pr
 # Registration
 # ---------------------------------------------------------------------------
 @triton_op("fastelbo::triton_iwae_bound", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_iwae_bound")
+@L.opaque_under_interpreter("fastelbo::triton_iwae_bound")
 def triton_iwae_bound(x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                       obs_logvar: torch.Tensor | None, prior_mu: torch.Tensor | None,
                       prior_logvar: torch.Tensor | None, likelihood: str,
@@ -280,7 +257,7 @@ def triton_iwae_bound(x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor, mu:
 
 
 @triton_op("fastelbo::triton_iwae_bound_backward", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_iwae_bound_backward")
+@L.opaque_under_interpreter("fastelbo::triton_iwae_bound_backward")
 def triton_iwae_bound_backward(grad_log_weights: torch.Tensor, x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor,
                                mu: torch.Tensor, logvar: torch.Tensor, obs_logvar: torch.Tensor | None,
                                prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None, likelihood: str,

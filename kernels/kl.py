@@ -1,5 +1,5 @@
-"""Gaussian KL of q = N(mu, e^lv) to N(0, I) or to N(pmu, e^plv) (DESIGN §1 rows 2-3), Triton
-(the per-element formulas: _tiles.kl_element / kl_element_grad):
+"""Gaussian KL of q = N(mu, e^lv) to N(0, I) or to N(pmu, e^plv) (docs/design.md §1), Triton
+(the per-element formulas: _math.kl_element / kl_element_grad):
     forward   0.5 * sum(e^lv + mu^2 - 1 - lv)                                 (fastelbo_math.h kl_std)
               0.5 * sum(plv - lv + e^(lv - plv) + (mu - pmu)^2 e^-plv - 1)    (kl_normal)
     backward  dmu = g mu, dlv = g (e^lv - 1) / 2                               (kl_std_grad)
@@ -16,6 +16,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from . import _checks as C
+from . import _launch as L
+from . import _math as M
 from . import _tiles as T
 
 
@@ -27,13 +30,13 @@ def kl_rows(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, row_mask, D,
             s_m0, s_m1, s_l0, s_l1, s_pm0, s_pm1, s_pl0, s_pl1,
             HAS_PRIOR: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """KL of each row of the tile, [ROWS], in the accumulation type."""
-    total = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+    total = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
     for j0 in range(0, D, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu, lv, pmu, plv = T.load_posterior_prior(mu_ptr, lv_ptr, pmu_ptr, plv_ptr, rows, cols, s_m0, s_m1, s_l0, s_l1,
                                                   s_pm0, s_pm1, s_pl0, s_pl1, mask, HAS_PRIOR, FP64)
-        total += tl.where(mask, T.kl_element(mu, lv, pmu, plv, HAS_PRIOR), 0.0)
+        total += tl.where(mask, M.kl_element(mu, lv, pmu, plv, HAS_PRIOR), 0.0)
     return tl.sum(total, axis=1)
 
 
@@ -50,7 +53,7 @@ def kl_grad_tile(gg, mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dmu_ptr, dlv_ptr, dpmu_pt
         mu = T.load_tile(mu_ptr, rows, cols, s_m0, s_m1, mask, FP64)
     else:
         mu = lv  # not read by the wanted gradients
-    dmu, dlv, dpmu, dplv = T.kl_element_grad(mu, lv, pmu, plv, HAS_PRIOR)
+    dmu, dlv, dpmu, dplv = M.kl_element_grad(mu, lv, pmu, plv, HAS_PRIOR)
     if WANT_MU:
         T.store_tile(dmu_ptr, rows, cols, D, gg * dmu, mask)
     if WANT_LV:
@@ -119,25 +122,17 @@ def _kl_bwd_kernel(
                  FP64, BLOCK)
 
 
-_kl_fwd_tuned = T.row_autotune(_kl_fwd_kernel, key=["D"])
-_kl_bwd_tuned = T.row_autotune(_kl_bwd_kernel, key=["D"])
+_kl_fwd_tuned = L.row_autotune(_kl_fwd_kernel, key=["D"])
+_kl_bwd_tuned = L.row_autotune(_kl_bwd_kernel, key=["D"])
 
 
 # ---------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------
-def check_kl_args(mu, logvar, prior_mu, prior_logvar):
-    T.check_like(mu, "mu", logvar, "logvar")
-    T.check_like(mu, "mu", prior_mu, "prior_mu")
-    T.check_like(mu, "mu", prior_logvar, "prior_logvar")
-    torch._check((prior_mu is None) == (prior_logvar is None), lambda: (
-        "fastelbo: prior_mu and prior_logvar must be given together (the Python API fills a missing one)"))
-
-
 def kl_operands(mu, logvar, prior_mu, prior_logvar):
     """Pointer and stride arguments of kl_rows / kl_grad_rows."""
-    return ((mu, logvar, T.or_dummy(prior_mu, mu), T.or_dummy(prior_logvar, mu)),
-            (*T.strides(mu), *T.strides(logvar), *T.strides(prior_mu), *T.strides(prior_logvar)))
+    return ((mu, logvar, L.or_dummy(prior_mu, mu), L.or_dummy(prior_logvar, mu)),
+            (*L.strides(mu), *L.strides(logvar), *L.strides(prior_mu), *L.strides(prior_logvar)))
 
 
 def kl_grads(mu, prior_mu, output_mask):
@@ -146,7 +141,7 @@ def kl_grads(mu, prior_mu, output_mask):
     has_prior = prior_mu is not None
     want = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and has_prior,
             bool(output_mask[3]) and has_prior]
-    return want, [T.grad_or_empty(w, mu) for w in want]
+    return want, [L.grad_or_empty(w, mu) for w in want]
 
 
 def kl_flags(prior_mu, want_mu, want_lv, want_pmu, want_plv):
@@ -163,26 +158,26 @@ def launch_kl_grads(kernel, tuned, grad, mu, logvar, prior_mu, prior_logvar, out
     B, D = mu.shape
     if any(want):
         ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
-        block = T.block_for(D)
-        T.launch_rows(kernel, tuned, B, (grad, *ptrs, *d, B, D, grad.stride(0), *strides, *extra), block,
-                      **kl_flags(prior_mu, *want), FP64=T.fp64(mu), BLOCK=block)
+        block = L.block_for(D)
+        L.launch_rows(kernel, tuned, B, (grad, *ptrs, *d, B, D, grad.stride(0), *strides, *extra), block,
+                      **kl_flags(prior_mu, *want), FP64=L.fp64(mu), BLOCK=block)
     return tuple(d)
 
 
 def kl_fwd(mu, logvar, prior_mu, prior_logvar):
-    check_kl_args(mu, logvar, prior_mu, prior_logvar)
+    C.check_kl_args(mu, logvar, prior_mu, prior_logvar)
     B, D = mu.shape
     kl = mu.new_empty(B)
     ptrs, strides = kl_operands(mu, logvar, prior_mu, prior_logvar)
-    block = T.block_for(D)
-    T.launch_rows(_kl_fwd_kernel, _kl_fwd_tuned, B, (*ptrs, kl, B, D, *strides), block,
-                  HAS_PRIOR=int(prior_mu is not None), FP64=T.fp64(mu), BLOCK=block)
+    block = L.block_for(D)
+    L.launch_rows(_kl_fwd_kernel, _kl_fwd_tuned, B, (*ptrs, kl, B, D, *strides), block,
+                  HAS_PRIOR=int(prior_mu is not None), FP64=L.fp64(mu), BLOCK=block)
     return kl
 
 
 def kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
-    check_kl_args(mu, logvar, prior_mu, prior_logvar)
-    T.check_row_grad(grad, "grad", mu)
+    C.check_kl_args(mu, logvar, prior_mu, prior_logvar)
+    C.check_row_grad(grad, "grad", mu)
     return launch_kl_grads(_kl_bwd_kernel, _kl_bwd_tuned, grad, mu, logvar, prior_mu, prior_logvar, output_mask)
 
 
@@ -190,14 +185,14 @@ def kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, output_mask):
 # Registration
 # ---------------------------------------------------------------------------
 @triton_op("fastelbo::triton_gaussian_kl", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_gaussian_kl")
+@L.opaque_under_interpreter("fastelbo::triton_gaussian_kl")
 def triton_gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None,
                        prior_logvar: torch.Tensor | None) -> torch.Tensor:
     return kl_fwd(mu, logvar, prior_mu, prior_logvar)
 
 
 @triton_op("fastelbo::triton_gaussian_kl_backward", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_gaussian_kl_backward")
+@L.opaque_under_interpreter("fastelbo::triton_gaussian_kl_backward")
 def triton_gaussian_kl_backward(grad: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                                 prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None,
                                 output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,

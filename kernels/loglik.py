@@ -1,4 +1,5 @@
-"""Bernoulli and Gaussian log-likelihood per row (DESIGN §1 rows 4-5), Triton:
+"""Bernoulli and Gaussian log-likelihood per row (docs/design.md §1), Triton (the per-element
+formulas: _math.bernoulli_element, gaussian_element and their _grad):
     Bernoulli, logits l, x in [0, 1], t = e^-|l|   (fastelbo_math.h bernoulli_ll / bernoulli_ll_grad)
         forward   sum(x l - softplus(l)) = -sum((1 - x) l + max(-l, 0) + log1p(t))
         backward  dl = g (x - sigmoid(l)), sigmoid(l) = 1/(1+t) for l >= 0, t/(1+t) otherwise;  dx = g l
@@ -19,9 +20,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from . import _checks as C
+from . import _launch as L
+from . import _math as M
 from . import _tiles as T
-
-LOG_2PI = tl.constexpr(1.8378770664093453)  # log(2 pi)
 
 
 # ---------------------------------------------------------------------------
@@ -34,7 +36,7 @@ def loglik_rows(r_ptr, x_ptr, s_ptr, rows, row_mask, D, K, s_rk, s_r0, s_r1, s_x
     """sum_k log p(x | recon[k]) of each row of the tile (K samples of recon, k stride s_rk), [ROWS], in
     the accumulation type, and (VALIDATE) whether the row has an x outside [0, 1] ([ROWS] int32; NaN
     passes, as in the C++ kernels)."""
-    total = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+    total = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
     bad = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     for j0 in range(0, D, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
@@ -48,14 +50,9 @@ def loglik_rows(r_ptr, x_ptr, s_ptr, rows, row_mask, D, K, s_rk, s_r0, s_r1, s_x
         for k in range(K):
             r = T.load_tile(r_ptr + tl.full([], k, tl.int64) * s_rk, rows, cols, s_r0, s_r1, mask, FP64)
             if GAUSSIAN:
-                d = x - r
-                term = -0.5 * (LOG_2PI + s + d * d * inv_var)
+                term = M.gaussian_element(r, x, s, inv_var)
             else:
-                # In torch's binary_cross_entropy_with_logits form (fastelbo_math.h bernoulli_ll): exact for
-                # confident binary targets, the reference's NaN/inf for infinite logits.
-                t = tl.exp(0.0 - tl.abs(r))
-                neg = 0.0 - r
-                term = 0.0 - ((1.0 - x) * r + tl.where(neg < 0.0, 0.0, neg) + T.log1p_unit(t, FP64))
+                term = M.bernoulli_element(r, x, FP64)
             total += tl.where(mask, term, 0.0)
     return tl.sum(total, axis=1), tl.max(bad, axis=1)
 
@@ -87,7 +84,7 @@ def loglik_grad_cols(cols, ga_ptr, gb_ptr, s_ga, s_gb, c_ptr, s_ck, s_cb,
     dx [B, D] and ds summed over k; ds stored per row, or (REDUCE_S, s [1, D]) summed over the
     program's rows too into part[program_id(0), cols] (the caller sums the slots)."""
     col_mask = cols < D
-    s_acc = T.acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)
+    s_acc = M.acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)
     for t in range(tl.program_id(0), tl.cdiv(B, ROWS), tl.num_programs(0)):
         rows = T.row_ids(tl.full([], t, tl.int64), ROWS)
         row_mask = rows < B
@@ -99,8 +96,8 @@ def loglik_grad_cols(cols, ga_ptr, gb_ptr, s_ga, s_gb, c_ptr, s_ck, s_cb,
             x = T.load_tile(x_ptr, rows, cols, s_x0, s_x1, mask, FP64)
         if GAUSSIAN:
             inv_var = tl.exp(0.0 - T.load_tile(s_ptr, rows, cols, s_s0, s_s1, mask, FP64))
-        dx = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
-        ds = T.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        dx = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
+        ds = M.acc(tl.zeros([ROWS, BLOCK], dtype=tl.float32), FP64)
         for k in range(K):
             kk = tl.full([], k, tl.int64)
             if PER_K:
@@ -109,20 +106,15 @@ def loglik_grad_cols(cols, ga_ptr, gb_ptr, s_ga, s_gb, c_ptr, s_ck, s_cb,
                 gg = g[:, None]
             r = T.load_tile(r_ptr + kk * s_rk, rows, cols, s_r0, s_r1, mask, FP64)
             if GAUSSIAN:
-                d = x - r
-                w = d * inv_var
-                dm = gg * w
+                dm, dsk = M.gaussian_element_grad(gg, r, x, inv_var)
                 if WANT_R:
                     T.store_tile(dr_ptr + kk * B * D, rows, cols, D, dm, mask)
                 dx -= dm
-                ds += gg * -0.5 * (1.0 - d * w)
+                ds += dsk
             else:
                 if WANT_R:
-                    t_ = tl.exp(0.0 - tl.abs(r))
-                    q = 1.0 / (1.0 + t_)
-                    sig = tl.where(r >= 0.0, q, t_ * q)
-                    T.store_tile(dr_ptr + kk * B * D, rows, cols, D, gg * (x - sig), mask)
-                dx += gg * r
+                    T.store_tile(dr_ptr + kk * B * D, rows, cols, D, M.bernoulli_element_grad(gg, r, x), mask)
+                dx += gg * r  # d/dx of x l
         if WANT_X:
             T.store_tile(dx_ptr, rows, cols, D, dx, mask)
         if WANT_S:
@@ -178,8 +170,8 @@ def _loglik_bwd_kernel(
                      WANT_R, WANT_X, WANT_S, REDUCE_S, FP64, ROWS, BLOCK)
 
 
-_loglik_fwd_tuned = T.row_autotune(_loglik_fwd_kernel, key=["D"])
-_loglik_bwd_tuned = T.row_autotune(_loglik_bwd_kernel, key=["D"])
+_loglik_fwd_tuned = L.row_autotune(_loglik_fwd_kernel, key=["D"])
+_loglik_bwd_tuned = L.row_autotune(_loglik_bwd_kernel, key=["D"])
 
 
 # ---------------------------------------------------------------------------
@@ -188,7 +180,7 @@ _loglik_bwd_tuned = T.row_autotune(_loglik_bwd_kernel, key=["D"])
 def loglik_operands(recon, x, s):
     """Pointer and stride arguments of loglik_rows / loglik_grad_cols (recon [B, D]: k stride
     separate; s [1, D] read with row stride 0)."""
-    return (recon, x, T.or_dummy(s, recon)), (*recon.stride()[-2:], *T.strides(x), *T.bcast_strides(s))
+    return (recon, x, L.or_dummy(s, recon)), (*recon.stride()[-2:], *L.strides(x), *L.bcast_strides(s))
 
 
 def reduce_obs_logvar(part, s):
@@ -199,9 +191,9 @@ def reduce_obs_logvar(part, s):
 def obs_logvar_grad(want, s, rows, chunks, like):
     """(ds: s's shape or empty, partials [slots, D] or empty, slots or None) for the gradient of s
     (want: asked for and s given); `like` gives the empty tensors their dtype and device."""
-    if want and T.reduces_rows(s, rows):
-        slots = T.reduce_slots(rows, chunks)
-        return like.new_empty(0), T.row_partials(s, slots), slots
+    if want and L.reduces_rows(s, rows):
+        slots = L.reduce_slots(rows, chunks)
+        return like.new_empty(0), L.row_partials(s, slots), slots
     return (s.new_empty(s.shape) if want else like.new_empty(0)), like.new_empty(0), None
 
 
@@ -216,26 +208,26 @@ def loglik_fwd(recon, x, s, validate_x=False):
     ll = recon.new_empty(B)
     bad = recon.new_empty(B if validate_x else 0, dtype=torch.int8)
     ptrs, strides = loglik_operands(recon, x, s)
-    block = T.block_for(D)
-    T.launch_rows(_loglik_fwd_kernel, _loglik_fwd_tuned, B, (*ptrs, ll, bad, B, D, *strides),
-                  block, GAUSSIAN=int(s is not None), VALIDATE=int(validate_x), FP64=T.fp64(recon), BLOCK=block)
+    block = L.block_for(D)
+    L.launch_rows(_loglik_fwd_kernel, _loglik_fwd_tuned, B, (*ptrs, ll, bad, B, D, *strides),
+                  block, GAUSSIAN=int(s is not None), VALIDATE=int(validate_x), FP64=L.fp64(recon), BLOCK=block)
     if validate_x:
-        T.check_unit_interval(bad)
+        C.check_unit_interval(bad)
     return ll
 
 
 def loglik_bwd(grad, recon, x, s, want):
     """Gradients (recon, x, s) for want = three bools (s: Gaussian only; its gradient in s's shape)."""
-    T.check_row_grad(grad, "grad", recon)
-    dr, dx = (T.grad_or_empty(w, recon) for w in want[:2])
+    C.check_row_grad(grad, "grad", recon)
+    dr, dx = (L.grad_or_empty(w, recon) for w in want[:2])
     B, D = recon.shape
-    block = T.block_for(D)
+    block = L.block_for(D)
     ds, part, slots = obs_logvar_grad(want[2] and s is not None, s, B, triton.cdiv(max(D, 1), block), recon)
     if any(want) and B > 0:
         ptrs, strides = loglik_operands(recon, x, s)
-        T.launch_rows_2d(_loglik_bwd_kernel, _loglik_bwd_tuned, B, D,
+        L.launch_rows_2d(_loglik_bwd_kernel, _loglik_bwd_tuned, B, D,
                          (grad, *ptrs, dr, dx, ds, part, B, D, grad.stride(0), *strides), block, block, slots,
-                         **loglik_flags(s is not None, *want, slots), FP64=T.fp64(recon), BLOCK=block)
+                         **loglik_flags(s is not None, *want, slots), FP64=L.fp64(recon), BLOCK=block)
         if slots is not None:
             ds = reduce_obs_logvar(part, s)
     elif want[2]:
@@ -247,34 +239,32 @@ def loglik_bwd(grad, recon, x, s, want):
 # Registration
 # ---------------------------------------------------------------------------
 @triton_op("fastelbo::triton_bernoulli_log_prob", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_bernoulli_log_prob")
+@L.opaque_under_interpreter("fastelbo::triton_bernoulli_log_prob")
 def triton_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, validate_x: bool = False) -> torch.Tensor:
-    T.check_like(logits, "logits", x, "x")
+    C.check_like(logits, "logits", x, "x")
     return loglik_fwd(logits, x, None, validate_x)
 
 
 @triton_op("fastelbo::triton_bernoulli_log_prob_backward", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_bernoulli_log_prob_backward")
+@L.opaque_under_interpreter("fastelbo::triton_bernoulli_log_prob_backward")
 def triton_bernoulli_log_prob_backward(grad: torch.Tensor, logits: torch.Tensor, x: torch.Tensor,
                                        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-    T.check_like(logits, "logits", x, "x")
+    C.check_like(logits, "logits", x, "x")
     d = loglik_bwd(grad, logits, x, None, [bool(output_mask[0]), bool(output_mask[1]), False])
     return d[0], d[1]
 
 
 @triton_op("fastelbo::triton_gaussian_log_prob", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_gaussian_log_prob")
+@L.opaque_under_interpreter("fastelbo::triton_gaussian_log_prob")
 def triton_gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    T.check_like(mean, "mean", x, "x")
-    T.check_obs_logvar(logvar, "logvar", mean, "mean")
+    C.check_gaussian_args(mean, x, logvar)
     return loglik_fwd(mean, x, logvar)
 
 
 @triton_op("fastelbo::triton_gaussian_log_prob_backward", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_gaussian_log_prob_backward")
+@L.opaque_under_interpreter("fastelbo::triton_gaussian_log_prob_backward")
 def triton_gaussian_log_prob_backward(grad: torch.Tensor, mean: torch.Tensor, x: torch.Tensor, logvar: torch.Tensor,
                                       output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T.check_like(mean, "mean", x, "x")
-    T.check_obs_logvar(logvar, "logvar", mean, "mean")
+    C.check_gaussian_args(mean, x, logvar)
     d = loglik_bwd(grad, mean, x, logvar, [bool(m) for m in output_mask])
     return d[0], d[1], d[2]

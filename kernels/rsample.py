@@ -1,4 +1,4 @@
-"""Reparameterized sample (DESIGN §1 row 1, noise per §2), Triton:
+"""Reparameterized sample (docs/design.md §1, §3), Triton:
     forward   z[k] = mu + e^(lv/2) * eps[k]                  (fastelbo_math.h reparam)
     backward  deps[k] = g[k] * e^(lv/2), dlv = (sum_k g[k] * eps[k]) * e^(lv/2) / 2
                                                              (reparam_*_grad; dmu = sum_k g[k] needs no kernel)
@@ -9,7 +9,7 @@ z is [B, D] (num_samples = 0) or [K, B, D] (num_samples = K). eps is Philox4x32-
 elements of [K, B, D] per program (a multiple of 4, so every counter group lies in one
 program); the backward takes BLOCK elements of [B, D] and loops over the K samples,
 summing g * eps in registers (sample k's elements start at k * B * D, aligned to a counter
-group only when B * D % 4 == 0: _tiles.normals_at).
+group only when B * D % 4 == 0: _math.normals_at).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import _tiles as T
+from . import _checks as C
+from . import _launch as L
+from ._math import acc, normals, normals_at, reparam, reparam_eps_grad, reparam_lv_grad, reparam_scale
 
 
 # ---------------------------------------------------------------------------
@@ -79,13 +81,13 @@ def _rsample_fwd_kernel(
         off_m = b * s_m0 + jj * s_m1
         off_l = b * s_l0 + jj * s_l1
         off_e = k * s_ek + b * s_e0 + jj * s_e1
-    mu = T.acc(tl.load(mu_ptr + off_m, mask=mask, other=0.0), FP64)
-    lv = T.acc(tl.load(lv_ptr + off_l, mask=mask, other=0.0), FP64)
+    mu = acc(tl.load(mu_ptr + off_m, mask=mask, other=0.0), FP64)
+    lv = acc(tl.load(lv_ptr + off_l, mask=mask, other=0.0), FP64)
     if HAS_EPS:
-        eps = T.acc(tl.load(eps_ptr + off_e, mask=mask, other=0.0), FP64)
+        eps = acc(tl.load(eps_ptr + off_e, mask=mask, other=0.0), FP64)
     else:
-        eps = T.normals(tl.load(seed_ptr), pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64), FP64)
-    z = mu + tl.exp(0.5 * lv) * eps
+        eps = normals(tl.load(seed_ptr), pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64), FP64)
+    z = reparam(mu, lv, eps)
     tl.store(z_ptr + n, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -107,31 +109,31 @@ def _rsample_bwd_kernel(
     m = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = m < M
     off_g = _element_offsets(m, start, D, s_g0, s_g1, DENSE)
-    lv = T.acc(tl.load(lv_ptr + _element_offsets(m, start, D, s_l0, s_l1, DENSE), mask=mask, other=0.0), FP64)
-    std = tl.exp(0.5 * lv)
-    g_eps = T.acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)  # sum_k g[k] * eps[k]
+    lv = acc(tl.load(lv_ptr + _element_offsets(m, start, D, s_l0, s_l1, DENSE), mask=mask, other=0.0), FP64)
+    std = reparam_scale(lv)
+    g_eps = acc(tl.zeros([BLOCK], dtype=tl.float32), FP64)  # sum_k g[k] * eps[k]
     if HAS_EPS:
         off_e = _element_offsets(m, start, D, s_e0, s_e1, DENSE)
     else:
         seed = tl.load(seed_ptr)
     for k in range(K):
         kk = tl.full([], k, tl.int64)
-        g = T.acc(tl.load(g_ptr + kk * s_gk + off_g, mask=mask, other=0.0), FP64)
+        g = acc(tl.load(g_ptr + kk * s_gk + off_g, mask=mask, other=0.0), FP64)
         if WANT_DEPS:
-            tl.store(deps_ptr + kk * M + m, (g * std).to(deps_ptr.dtype.element_ty), mask=mask)
+            tl.store(deps_ptr + kk * M + m, reparam_eps_grad(g, std).to(deps_ptr.dtype.element_ty), mask=mask)
         if WANT_DLV:
             if HAS_EPS:
-                eps = T.acc(tl.load(eps_ptr + kk * s_ek + off_e, mask=mask, other=0.0), FP64)
+                eps = acc(tl.load(eps_ptr + kk * s_ek + off_e, mask=mask, other=0.0), FP64)
             else:
-                eps = T.normals_at(seed, kk * M + start, BLOCK // 4, FP64)
+                eps = normals_at(seed, kk * M + start, BLOCK // 4, FP64)
             g_eps += g * eps
     if WANT_DLV:
-        # The sum over k before the scale (fastelbo_math.h reparam_lv_grad): right where std is inf.
-        tl.store(dlv_ptr + m, (g_eps * std * 0.5).to(dlv_ptr.dtype.element_ty), mask=mask)
+        # The sum over k before the scale: right where std is inf.
+        tl.store(dlv_ptr + m, reparam_lv_grad(g_eps, std).to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
-_rsample_fwd_tuned = T.flat_autotune(_rsample_fwd_kernel, key=["N", "D"], size="N")
-_rsample_bwd_tuned = T.flat_autotune(_rsample_bwd_kernel, key=["M", "D"], size="M")
+_rsample_fwd_tuned = L.flat_autotune(_rsample_fwd_kernel, key=["N", "D"], size="N")
+_rsample_bwd_tuned = L.flat_autotune(_rsample_bwd_kernel, key=["M", "D"], size="M")
 
 
 # ---------------------------------------------------------------------------
@@ -149,42 +151,22 @@ def _strides3(t):
 
 
 def rsample_fwd(mu, logvar, seed, eps, num_samples=0):
-    torch._check(num_samples >= 0, lambda: f"fastelbo: num_samples must be >= 0 (0: one [B, D] sample), "
-                 f"got {num_samples}")
-    T.check_like(mu, "mu", logvar, "logvar")
-    T.check_device(mu, "mu", seed, "seed")  # read by the kernels (the CUDA kernels of csrc copy a CPU one over)
-    if num_samples == 0:
-        T.check_like(mu, "mu", eps, "eps")
-    else:
-        T.check_samples(eps, "eps", mu, "mu")
-        torch._check(eps is None or eps.shape[0] == num_samples, lambda: (
-            f"fastelbo: eps must have num_samples = {num_samples} samples, got {eps.shape[0]}"))
+    C.check_rsample_args(mu, logvar, seed, eps, num_samples)
     K = max(num_samples, 1)
     B, D = mu.shape
     z = torch.empty(((num_samples,) if num_samples else ()) + (B, D), dtype=mu.dtype, device=mu.device)
     N = K * B * D
-    T.launch_flat(_rsample_fwd_kernel, _rsample_fwd_tuned, N,
-                  (mu, logvar, T.or_dummy(eps, mu), seed, z, N, B, D, *T.strides(mu), *T.strides(logvar),
+    L.launch_flat(_rsample_fwd_kernel, _rsample_fwd_tuned, N,
+                  (mu, logvar, L.or_dummy(eps, mu), seed, z, N, B, D, *L.strides(mu), *L.strides(logvar),
                    *_strides3(eps)),
-                  HAS_EPS=int(eps is not None), DENSE=int(K == 1 and _dense(mu, logvar, eps)), FP64=T.fp64(mu))
+                  HAS_EPS=int(eps is not None), DENSE=int(K == 1 and _dense(mu, logvar, eps)), FP64=L.fp64(mu))
     return z
 
 
 def rsample_bwd(grad_z, logvar, seed, eps, output_mask):
-    torch._check(grad_z.dim() in (2, 3), lambda: f"fastelbo: grad_z must be [B, D] or [K, B, D], got shape "
-                 f"{tuple(grad_z.shape)}")
-    T.check_like(logvar, "logvar", None, "")
-    T.check_device(logvar, "logvar", seed, "seed")
-    if grad_z.dim() == 2:
-        T.check_like(logvar, "logvar", grad_z, "grad_z")
-        T.check_like(logvar, "logvar", eps, "eps")
-    else:
-        T.check_samples(grad_z, "grad_z", logvar, "logvar")
-        torch._check(eps is None or tuple(eps.shape) == tuple(grad_z.shape), lambda: (
-            f"fastelbo: eps must have grad_z's shape {tuple(grad_z.shape)}, got {tuple(eps.shape)}"))
-        T.check_samples(eps, "eps", logvar, "logvar")
+    C.check_rsample_backward_args(grad_z, logvar, seed, eps)
     want_lv, want_eps = bool(output_mask[0]), bool(output_mask[1])
-    dlv, deps = T.grad_or_empty(want_lv, logvar), T.grad_or_empty(want_eps, grad_z)
+    dlv, deps = L.grad_or_empty(want_lv, logvar), L.grad_or_empty(want_eps, grad_z)
     if not (want_lv or want_eps):
         return dlv, deps
     B, D = logvar.shape
@@ -194,11 +176,11 @@ def rsample_bwd(grad_z, logvar, seed, eps, output_mask):
         return dlv, deps
     dense = _dense(logvar) and all(t is None or t[0].is_contiguous() for t in (
         grad_z if grad_z.dim() == 3 else grad_z[None], None if eps is None else (eps if eps.dim() == 3 else eps[None])))
-    T.launch_flat(_rsample_bwd_kernel, _rsample_bwd_tuned, B * D,
-                  (grad_z, logvar, T.or_dummy(eps, logvar), seed, dlv, deps, B * D, D, K,
-                   *_strides3(grad_z), *T.strides(logvar), *_strides3(eps)),
+    L.launch_flat(_rsample_bwd_kernel, _rsample_bwd_tuned, B * D,
+                  (grad_z, logvar, L.or_dummy(eps, logvar), seed, dlv, deps, B * D, D, K,
+                   *_strides3(grad_z), *L.strides(logvar), *_strides3(eps)),
                   HAS_EPS=int(eps is not None), WANT_DLV=int(want_lv), WANT_DEPS=int(want_eps),
-                  DENSE=int(dense), FP64=T.fp64(logvar))
+                  DENSE=int(dense), FP64=L.fp64(logvar))
     return dlv, deps
 
 
@@ -206,14 +188,14 @@ def rsample_bwd(grad_z, logvar, seed, eps, output_mask):
 # Registration
 # ---------------------------------------------------------------------------
 @triton_op("fastelbo::triton_rsample", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_rsample")
+@L.opaque_under_interpreter("fastelbo::triton_rsample")
 def triton_rsample(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
                    eps: torch.Tensor | None, num_samples: int = 0) -> torch.Tensor:
     return rsample_fwd(mu, logvar, seed, eps, num_samples)
 
 
 @triton_op("fastelbo::triton_rsample_backward", mutates_args=())
-@T.opaque_under_interpreter("fastelbo::triton_rsample_backward")
+@L.opaque_under_interpreter("fastelbo::triton_rsample_backward")
 def triton_rsample_backward(grad_z: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
                             eps: torch.Tensor | None, output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
     return rsample_bwd(grad_z, logvar, seed, eps, output_mask)

@@ -1,7 +1,7 @@
 """Shared test machinery: the tolerance table (written once), the fused-backend
 parametrization, input makers and the verbose comparison helper.
 
-Accuracy rule (CONVENTIONS, flash-attention style):
+Accuracy rule (docs/design.md §6; flash-attention style):
   * float32 / float64: compare with the reference computed in the same dtype,
         |out - ref| <= rtol * |ref| + atol * sqrt(n) * max(1, max|ref|)
     (n = number of terms a value sums over: the feature count D for per-row

@@ -190,7 +190,7 @@ def test_triton_loads_where_it_is_installed():
 
 def test_cuda_emulated_builds_where_the_cpu_backend_does():
     """The emulated CUDA backend needs what the C++ CPU backend needs (a C++ compiler, ninja, torch's headers):
-    where the one builds, the other must. Otherwise a compile error in csrc/cuda or csrc/cuda_ops.h would turn
+    where the one builds, the other must. Otherwise a compile error in csrc/cuda (torch_ops.h included) would turn
     every emulated case into a skip and leave the CUDA kernels' logic untested while the suite stays green."""
     import os
 

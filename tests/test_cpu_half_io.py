@@ -1,4 +1,4 @@
-"""float16/bfloat16 on the C++ CPU kernels: DESIGN §1's contract, to the bit.
+"""float16/bfloat16 on the C++ CPU kernels: the contract of docs/design.md §2, to the bit.
 
 A half-precision call computes in float32 on the exact float32 values of its
 inputs and rounds each result once to the input dtype. So it must equal the

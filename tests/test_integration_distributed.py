@@ -189,7 +189,7 @@ def _single(mode, split="equal", per_rank_means=False):
         if mode == "generator":  # rank r's generator draws rank r's rows, as on the rank
             z = torch.cat([fastelbo.rsample(mu[_rows(split, r)], logvar[_rows(split, r)], generator=gens[r])
                            for r in range(WORLD)])
-        else:  # eps of seed s is the Philox stream of s (DESIGN §2): rebuild it, sample the whole batch at once
+        else:  # eps of seed s is the Philox stream of s (docs/design.md §3): rebuild it, sample the whole batch at once
             eps = torch.cat([reference.standard_normal(_step_seed(step, r), (SPLIT[split][r], DZ))
                              for r in range(WORLD)])
             z = fastelbo.rsample(mu, logvar, eps=eps)

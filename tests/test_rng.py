@@ -1,4 +1,4 @@
-"""The noise of DESIGN §2, checked against an INDEPENDENT numpy implementation
+"""The noise of docs/design.md §3, checked against an INDEPENDENT numpy implementation
 of Philox4x32-10 + uint->uniform + Box-Muller written here from the spec
 (Random123's Philox, Triton's tl.randint4x / uint_to_uniform_float /
 pair_uniform_to_normal), not imported from fastelbo._philox:

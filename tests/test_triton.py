@@ -43,7 +43,7 @@ def _t(shape, gen, lo=-2.0, hi=2.0, dtype=torch.float32):
 
 
 # ---------------------------------------------------------------------------
-# Same noise as the C++ kernels (DESIGN §2).
+# Same noise as the C++ kernels (docs/design.md §3).
 # ---------------------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -130,11 +130,11 @@ def small_tiles(monkeypatch):
     and several row programs (a partial last one), as GPU tiles do."""
     if not INTERPRETED:
         pytest.skip("interpreter tile sizes (the GPU ones are autotuned)")
-    from fastelbo.kernels import _tiles
+    from fastelbo.kernels import _launch
 
-    monkeypatch.setattr(_tiles, "INTERPRET_MAX_BLOCK", 256)
-    monkeypatch.setattr(_tiles, "INTERPRET_TILE", 1024)
-    monkeypatch.setattr(_tiles, "INTERPRET_FLAT_BLOCK", 256)
+    monkeypatch.setattr(_launch, "INTERPRET_MAX_BLOCK", 256)
+    monkeypatch.setattr(_launch, "INTERPRET_TILE", 1024)
+    monkeypatch.setattr(_launch, "INTERPRET_FLAT_BLOCK", 256)
 
 
 @needs_triton
@@ -225,7 +225,7 @@ def test_kl_and_loglik_backward_expanded_grad():
 
 
 # ---------------------------------------------------------------------------
-# Threads: the interpreter keeps global state per launch (kernels/_tiles.py serializes them).
+# Threads: the interpreter keeps global state per launch (kernels/_launch.py serializes them).
 # ---------------------------------------------------------------------------
 def _threaded_step(x, recon, mu, lv):
     """Forward and backward through every launch helper: rsample (flat), the ELBO (rows, and its
@@ -353,7 +353,7 @@ def _vae_loss(x, recon, mu, lv, obs):
 def test_torch_compile_fullgraph_matches_eager():
     """No graph break (fullgraph=True), same values and gradients as eager, two sizes with dynamic=True.
     On GPUs Inductor sees the kernels themselves (triton_op); under the interpreter the ops stay whole
-    in the graph (kernels/_tiles.py opaque_under_interpreter)."""
+    in the graph (kernels/_launch.py opaque_under_interpreter)."""
     gen = _gen(9)
     compiled = torch.compile(_vae_loss, fullgraph=True, dynamic=True)
     for B, DX, DZ in ((4, 11, 3), (6, 11, 3)):
@@ -397,18 +397,18 @@ def test_autotune_space_stays_in_the_tile_budget():
     """GPU configurations: at most 16 elements per thread per operand for the row kernels (8 in float64)
     and 8 for the Philox kernels (the densest cases test_triton_cubin.py compiles without spills)."""
     pytest.importorskip("triton")
-    from fastelbo.kernels import _tiles
+    from fastelbo.kernels import _launch
 
     for block in (1, 2, 8, 32, 128, 1024, 2048):
         for fp64 in (0, 1):
-            kept = _tiles.prune_row_configs(_tiles._row_configs(), block, fp64)
+            kept = _launch.prune_row_configs(_launch._row_configs(), block, fp64)
             assert 1 <= len(kept) <= 6, (block, kept)
             for c in kept:
                 per_thread = c.kwargs["ROWS"] * block / (32 * c.num_warps)
                 assert per_thread <= (8 if fp64 else 16), (block, fp64, c)
     for n in (1, 100, 10**6):
-        for c in _tiles.prune_flat_configs(_tiles._flat_configs(), n):
+        for c in _launch.prune_flat_configs(_launch._flat_configs(), n):
             assert c.kwargs["BLOCK"] % 4 == 0 and c.kwargs["BLOCK"] / (32 * c.num_warps) <= 8
-    assert _tiles.block_for(3 * 256 * 256) == (_tiles.INTERPRET_MAX_BLOCK if _tiles.INTERPRET
-                                               else _tiles.GPU_MAX_BLOCK)
-    assert math.log2(_tiles.block_for(785)).is_integer()
+    assert _launch.block_for(3 * 256 * 256) == (_launch.INTERPRET_MAX_BLOCK if _launch.INTERPRET
+                                               else _launch.GPU_MAX_BLOCK)
+    assert math.log2(_launch.block_for(785)).is_integer()

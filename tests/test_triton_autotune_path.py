@@ -1,6 +1,6 @@
 """The GPU launch path of the Triton kernels, driven without a GPU.
 
-On a GPU every launch goes launcher (kernels/_tiles.py launch_rows, launch_rows_2d, launch_flat)
+On a GPU every launch goes launcher (kernels/_launch.py launch_rows, launch_rows_2d, launch_flat)
 -> wrap_triton(tuned)[grid](*args, **constexprs) -> triton's Autotuner.run, which names the
 positional arguments (nargs = dict(zip(arg_names, args))), forms the tuning key from the `key`
 arguments and every tensor's dtype, calls early_config_prune(configs, nargs, **kwargs), times each
@@ -9,7 +9,7 @@ launch's arguments by name, the config's ROWS or BLOCK among them. Under TRITON_
 launchers take their interpreter branch and none of this runs, which is how a prune reading an
 argument the kernel does not have (rsample's backward: "N" for its "M") crashed only on GPUs.
 
-Here the launchers take their GPU branch (_tiles.INTERPRET patched to False: GPU tile sizes and slot
+Here the launchers take their GPU branch (_launch.INTERPRET patched to False: GPU tile sizes and slot
 counts too) and go through the real Autotuner objects -- shallow copies, so that the module's own
 cache stays clean, whose kernel call is recorded and whose benchmark runs each config once and
 reports a made-up time instead of timing CUDA events (the winner: the first or the last config kept).
@@ -42,7 +42,7 @@ from triton.runtime.autotuner import Autotuner
 
 from cases import Api, _forward_backward, bernoulli_case, gaussian_case, kl_case, rsample_case, run
 from fastelbo import _backend, _validate
-from fastelbo.kernels import KERNELS, _tiles, elbo, free_bits, iwae, kl, loglik, rsample
+from fastelbo.kernels import KERNELS, _launch, elbo, free_bits, iwae, kl, loglik, rsample
 from helpers import Backend, backend_device, generator_for
 from test_bounds import elbo_k_case, free_bits_case, iwae_case, rsample_k_case
 
@@ -169,11 +169,11 @@ def gpu_path(monkeypatch):
 
     def start(execute: bool = True, winner: str = "first") -> Recorder:
         recorder = Recorder(execute, winner)
-        monkeypatch.setattr(_tiles, "INTERPRET", False)
+        monkeypatch.setattr(_launch, "INTERPRET", False)
         for module, attr in TUNED.values():
             monkeypatch.setattr(module, attr, recorder.autotuner(getattr(module, attr)))
         for name in LAUNCHERS:
-            monkeypatch.setattr(_tiles, name, recorder.launcher(name, getattr(_tiles, name)))
+            monkeypatch.setattr(_launch, name, recorder.launcher(name, getattr(_launch, name)))
         if not execute:  # outputs are garbage then: no x-range check on them
             monkeypatch.setattr(_validate, "_VALIDATE_ARGS", False)
         return recorder
@@ -229,7 +229,7 @@ def check_prune(launch: Launch) -> None:
     assert blocks, f"{what}: no column-block constexpr among {sorted(args)}"
     for b, value in blocks.items():
         cols = args[COLUMN_SIZE[b]]
-        assert value == _tiles.block_for(cols), f"{what}: {b}={value} for {COLUMN_SIZE[b]}={cols}"
+        assert value == _launch.block_for(cols), f"{what}: {b}={value} for {COLUMN_SIZE[b]}={cols}"
         assert value < 2 * max(cols, 1), f"{what}: {b}={value} for {cols} columns"
     block = max(blocks.values())
     per_thread = 8 if fp64 else 16  # the float64 rule: half the elements per thread
@@ -382,14 +382,14 @@ def test_autotune_factories_refuse_names_the_kernel_lacks():
     the key: the rsample backward's "N" for its "M" fails here, not at the first GPU launch."""
     bwd, fwd = rsample._rsample_bwd_kernel, kl._kl_fwd_kernel
     with pytest.raises(ValueError, match=r"\['N'\], which are not arguments of the kernel"):
-        _tiles.flat_autotune(bwd, key=["N", "D"], size="N")
+        _launch.flat_autotune(bwd, key=["N", "D"], size="N")
     with pytest.raises(ValueError, match=r"must hold 'M', which its prune reads"):
-        _tiles.flat_autotune(bwd, key=["D"], size="M")
+        _launch.flat_autotune(bwd, key=["D"], size="M")
     with pytest.raises(ValueError, match=r"autotune key of _kl_fwd_kernel names \['DX'\]"):
-        _tiles.row_autotune(fwd, key=["DX"])
+        _launch.row_autotune(fwd, key=["DX"])
     with pytest.raises(ValueError, match=r"row configurations of _rsample_bwd_kernel names \['ROWS'\]"):
-        _tiles.row_autotune(bwd, key=["D"])  # a flat kernel: no ROWS
-    assert isinstance(_tiles.flat_autotune(bwd, key=["M", "D"], size="M"), Autotuner)
+        _launch.row_autotune(bwd, key=["D"])  # a flat kernel: no ROWS
+    assert isinstance(_launch.flat_autotune(bwd, key=["M", "D"], size="M"), Autotuner)
 
 
 @pytest.mark.parametrize("dtype, winner", PICKS)

@@ -29,7 +29,7 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 
 # kernel -> variants: (label, constexpr values, num_warps), in the densest tile the autotuner may
-# pick (kernels/_tiles.py): ROWS * BLOCK = 2048 elements on 4 warps (16 per thread) for the row
+# pick (kernels/_launch.py): ROWS * BLOCK = 2048 elements on 4 warps (16 per thread) for the row
 # kernels, BLOCK = 1024 on 4 warps (8 per thread) for the flat Philox kernels. The first variant of
 # a kernel (the one using the most registers) is compiled for every dtype and arch; the others,
 # there so that every code path is compiled once, for float32 on sm_90 only. float64 (accumulated

@@ -1,4 +1,4 @@
-// The fused ELBO on the CPU (DESIGN §1 row 6): per row, one pass over
+// The fused ELBO on the CPU (docs/design.md §1): per row, one pass over
 // [recon, x] for log p(x|z) and one over [mu, logvar] for KL, in one launch;
 // elbo = loglik - beta * KL. With recon [K, B, Dx] (K decoded samples, x shared)
 // the log-likelihood is the sample average, loglik[b] = (1/K) sum_k ll(recon[k, b], x[b]),
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
   check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);
   check_cpu(x, "x");
-  std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior);
+  std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior, empty_result);
   const int64_t B = x.size(0), Dx = x.size(1);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
   const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;

@@ -139,18 +139,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> free_bits_kl_backward
   check_row_grad(grad, "grad", mu);
   check_free_bits_backward(kl_dims, mu, free_bits);
   check_cpu(mu, "mu");
-  const bool has_prior = prior_mu.has_value();
-  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_free_bits_kl_backward_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const KLTerm<scalar_t> div(mu, logvar, prior_mu, prior_logvar);
+  return latent_backward(grad, mu, prior_mu.has_value(), output_mask, [&](auto tag, auto run) {
+    using T = decltype(tag);
+    const KLTerm<T> div(mu, logvar, prior_mu, prior_logvar);
     int64_t floored = 0;
     const at::Tensor weights =
-        dim_weights<scalar_t>(kl_dims.const_data_ptr<A>(), kl_dims.stride(0), mu.size(1), free_bits, mu, floored);
-    const FreeBitsTerm<scalar_t> term{div, operand<scalar_t>(weights)};
-    latent_backward_rows<scalar_t>(term, row_scalar<scalar_t>(grad), d, mu.size(0), div.cols);
+        dim_weights<T>(kl_dims.const_data_ptr<acc_t<T>>(), kl_dims.stride(0), mu.size(1), free_bits, mu, floored);
+    run(FreeBitsTerm<T>{div, operand<T>(weights)});
   });
-  return {d[0], d[1], d[2], d[3]};
 }
 
 TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {

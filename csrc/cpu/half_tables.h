@@ -1,6 +1,6 @@
 // The Bernoulli terms of float16/bfloat16 logits by table lookup.
 //
-// A 16-bit logit has one of 65536 bit patterns, and DESIGN §1 computes a
+// A 16-bit logit has one of 65536 bit patterns, and docs/design.md §2 computes a
 // half-precision call in float32 on the exact value of each input. So the parts
 // of the Bernoulli term that depend on the logit alone, log1p(e^-|l|) forward
 // and sigmoid(l) backward, are tabulated once per dtype by the float32 vector

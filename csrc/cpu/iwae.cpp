@@ -1,6 +1,6 @@
-// The importance-weighted bound on the CPU (DESIGN §1 row 7, Burda et al. 2016):
+// The importance-weighted bound on the CPU (docs/design.md §1; Burda et al. 2016):
 //   log w[k, b] = log p(x_b | recon_kb) + sum_j log p(z_kbj) - log q(z_kbj | x_b)
-//   bound[b]    = m + log sum_k e^(log w[k, b] - m) - log K,   m = max_k log w[k, b]
+//   bound[b]    = log (1/K) sum_k e^(log w[k, b])       (fastelbo_math.h log_mean_exp, in double)
 // One task per block of rows b, the K samples of a row inside it: LogLikTerm over
 // [recon[k], x], LogPQTerm over [z[k], mu, logvar] (fastelbo_math.h log_pq_*).
 // The backward takes c[k, b] = dL/dlog w[k, b] (the glue's softmax_k(log w) *
@@ -11,33 +11,12 @@
 #include <ATen/Dispatch.h>
 
 #include <atomic>
-#include <cmath>
-#include <limits>
 #include <torch/library.h>
 
 #include "terms.h"
 
 namespace fastelbo {
 namespace cpu {
-namespace {
-
-// log (1/K) sum_k e^(w_k) over w_k = lw[k * stride], as torch.logsumexp(.) - log K:
-// NaN propagates; an infinite max is the result (no inf - inf).
-template <class A>
-double logmeanexp(const A* lw, int64_t K, int64_t stride) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t k = 0; k < K; ++k) {
-    const double v = lw[k * stride];
-    if (std::isnan(v)) return v;
-    m = v > m ? v : m;
-  }
-  if (std::isinf(m)) return m;
-  double s = 0.0;
-  for (int64_t k = 0; k < K; ++k) s += std::exp(static_cast<double>(lw[k * stride]) - m);
-  return m + std::log(s) - std::log(static_cast<double>(K));
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> iwae_bound_cpu(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& z,
                                                   const at::Tensor& mu, const at::Tensor& logvar,
@@ -65,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> iwae_bound_cpu(const at::Tensor& x, const at:
       for (int64_t i = r0; i < r1; ++i) {
         for (int64_t k = 0; k < K; ++k)  // x checked once, with k = 0
           plw[k * B + i] = static_cast<A>(lik.forward(i, validate_x && k == 0, bad, k) + pq.forward(i, k));
-        pb[i] = static_cast<scalar_t>(logmeanexp(plw + i, K, B));
+        pb[i] = static_cast<scalar_t>(log_mean_exp<double>(plw + i, K, B));  // in double, then rounded once
       }
       if (bad) out_of_range = true;
     });
@@ -87,7 +66,8 @@ iwae_bound_backward_cpu(const at::Tensor& grad_log_weights, const at::Tensor& x,
   const int64_t B = x.size(0), Dx = x.size(1), Dz = mu.size(1);
   check_log_weights_grad(grad_log_weights, K, x);
   check_cpu(x, "x");
-  std::array<at::Tensor, 8> d = iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior);
+  std::array<at::Tensor, 8> d =
+      iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior, empty_result);
   // A [1, Dx] obs_logvar (one per feature): its gradient sums over rows too.
   const bool per_feature = gaussian && obs_logvar->size(0) == 1 && B != 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastelbo_iwae_bound_backward_cpu", [&] {

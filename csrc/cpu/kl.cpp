@@ -1,5 +1,5 @@
 // Gaussian KL to N(0, I) or to a diagonal Gaussian prior on the CPU
-// (DESIGN §1 rows 2-3): KLTerm in terms.h, one row per iteration.
+// (docs/design.md §1): KLTerm in terms.h, one row per iteration.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -29,13 +29,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   check_kl_args(mu, logvar, prior_mu, prior_logvar);
   check_row_grad(grad, "grad", mu);
   check_cpu(mu, "mu");
-  const bool has_prior = prior_mu.has_value();
-  std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_gaussian_kl_backward_cpu", [&] {
-    const KLTerm<scalar_t> term(mu, logvar, prior_mu, prior_logvar);
-    latent_backward_rows<scalar_t>(term, row_scalar<scalar_t>(grad), d, mu.size(0), term.cols);
+  return latent_backward(grad, mu, prior_mu.has_value(), output_mask, [&](auto tag, auto run) {
+    run(KLTerm<decltype(tag)>(mu, logvar, prior_mu, prior_logvar));
   });
-  return {d[0], d[1], d[2], d[3]};
 }
 
 TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {

@@ -1,4 +1,4 @@
-// Bernoulli and Gaussian log-likelihood on the CPU (DESIGN §1 rows 4-5):
+// Bernoulli and Gaussian log-likelihood on the CPU (docs/design.md §1):
 // LogLikTerm in terms.h, one row per iteration.
 #include <ATen/Dispatch.h>
 
@@ -35,8 +35,9 @@ std::array<at::Tensor, 3> loglik_backward(Likelihood kind, const at::Tensor& gra
                                           std::array<bool, 3> mask) {
   check_row_grad(grad, "grad", recon);
   const bool gaussian = kind == Likelihood::kGaussian;
-  std::array<at::Tensor, 3> d = {grad_or_empty(mask[0], recon), grad_or_empty(mask[1], recon),
-                                 grad_or_empty(mask[2] && gaussian, gaussian ? *s : recon)};
+  std::array<at::Tensor, 3> d = {grad_or_empty(mask[0], recon, empty_result),
+                                 grad_or_empty(mask[1], recon, empty_result),
+                                 grad_or_empty(mask[2] && gaussian, gaussian ? *s : recon, empty_result)};
   const int64_t B = recon.size(0);
   const bool per_feature = gaussian && s->size(0) == 1 && B != 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "fastelbo_log_prob_backward_cpu", [&] {

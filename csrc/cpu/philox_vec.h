@@ -1,4 +1,4 @@
-// philox_vec.h: the noise of DESIGN §2 (fastelbo_math.h philox4x32_10,
+// philox_vec.h: the noise of docs/design.md §3 (fastelbo_math.h philox4x32_10,
 // philox_uniform, box_muller) sixteen counter groups at a time with AVX-512.
 // The uniforms are bit-exact with the scalar philox4x32_10 + philox_uniform
 // (tests/test_rng.py checks them against an independent numpy Philox); the

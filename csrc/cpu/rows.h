@@ -26,10 +26,6 @@
 namespace fastelbo {
 namespace cpu {
 
-// float32 math for float32/float16/bfloat16, float64 for float64 (DESIGN §1).
-template <class T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 constexpr int64_t kChunk = 512;
 
 // Rows per parallel task: enough columns that a task outweighs its dispatch.

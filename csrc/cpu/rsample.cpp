@@ -1,4 +1,4 @@
-// Reparameterized sample on the CPU (DESIGN §1 row 1, noise per §2):
+// Reparameterized sample on the CPU (docs/design.md §1, §3):
 //   forward   z = mu + e^(lv/2) * eps
 //   backward  dlv = (g * eps) * e^(lv/2) / 2, deps = g * e^(lv/2)  (dmu = g needs no kernel)
 // num_samples = K >= 1: z [K, B, Dz], eps of logical element (k * B + b) * Dz + j;
@@ -13,7 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#include "checks.h"
+#include "ops.h"
 #include "philox_vec.h"
 #include "rows.h"
 
@@ -61,8 +61,8 @@ void fill_normals(uint64_t seed, uint64_t n0, int64_t count, A* out) {
 }
 
 // The eps operand: the caller's tensor ([B, D] or [K, B, D]), or Philox noise of
-// logical element (k * rows + i) * cols + j of the span (DESIGN §2: the flat
-// index of z [K, B, Dz] either way).
+// logical element (k * rows + i) * cols + j of the span (docs/design.md §3:
+// the flat index of z [K, B, Dz] either way).
 template <class T>
 struct Noise {
   bool given;
@@ -78,10 +78,10 @@ struct Noise {
 };
 
 uint64_t seed_value(const at::Tensor& seed) {
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "fastelbo: seed must be a one-element int64 tensor");
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "fastelbo: seed must be a one-element int64 tensor");
   return static_cast<uint64_t>(seed.item<int64_t>());
 }
-
 
 // The logical [rows, cols] of one sample. When every operand is contiguous the
 // sample is one row of rows * cols elements (the noise index is the flat index
@@ -112,6 +112,30 @@ Noise<T> noise(const std::optional<at::Tensor>& eps, const at::Tensor& seed, con
   return Noise<T>{false, {}, seed_value(seed), span.rows, span.cols};
 }
 
+// The span of both passes' operands: `first` (mu, or grad_z), logvar and eps when given.
+inline Span span_of(const at::Tensor& first, const at::Tensor& logvar, const std::optional<at::Tensor>& eps) {
+  return eps.has_value() ? span_of({&first, &logvar, &*eps}) : span_of({&first, &logvar});
+}
+
+// The inputs of both passes as operands over the span: first (mu, or grad_z), logvar, the noise.
+template <class T>
+struct Inputs {
+  Samples<T> first, lv;
+  Noise<T> eps;
+};
+
+template <class T>
+Inputs<T> inputs(const at::Tensor& first, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+                  const at::Tensor& seed, const Span& span) {
+  return Inputs<T>{operand_in<T>(first, span), operand_in<T>(logvar, span), noise<T>(eps, seed, span)};
+}
+
+// f(q, w) over the vectors of a chunk of n values: w = Vec::size() lanes from q, fewer in the last.
+template <class Vec, class F>
+inline void for_vectors(int64_t n, F f) {
+  for (int64_t q = 0; q < n; q += Vec::size()) f(q, std::min<int64_t>(Vec::size(), n - q));
+}
+
 // f(row, first column, count) over every chunk of `samples` spans (row =
 // k * span.rows + i for sample k), chunks in parallel.
 template <class F>
@@ -136,23 +160,21 @@ at::Tensor rsample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at:
   if (num_samples > 0) shape.insert(shape.begin(), num_samples);
   auto z = empty_result(shape, mu.options());
   if (z.numel() == 0) return z;
-  const Span span = eps.has_value() ? span_of({&mu, &logvar, &*eps}) : span_of({&mu, &logvar});
+  const Span span = span_of(mu, logvar, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_rsample_cpu", [&] {
     using A = acc_t<scalar_t>;
     using Vec = at::vec::Vectorized<A>;
-    const auto m = operand_in<scalar_t>(mu, span), lv = operand_in<scalar_t>(logvar, span);
-    const auto e = noise<scalar_t>(eps, seed, span);
+    const Inputs<scalar_t> in = inputs<scalar_t>(mu, logvar, eps, seed, span);
     scalar_t* out = z.data_ptr<scalar_t>();
     parallel_chunks(span, K, [&](int64_t r, int64_t j, int64_t n) {
       const int64_t k = r / span.rows, i = r % span.rows;
       alignas(64) A s_mu[kChunk], s_lv[kChunk], s_eps[kChunk], s_z[kChunk];
-      const A* pm = m.base.chunk(i, j, n, s_mu);
-      const A* pl = lv.base.chunk(i, j, n, s_lv);
-      const A* pe = e.chunk(k, i, j, n, s_eps);
-      for (int64_t q = 0; q < n; q += Vec::size()) {
-        const int64_t w = std::min<int64_t>(Vec::size(), n - q);
+      const A* pm = in.first.base.chunk(i, j, n, s_mu);
+      const A* pl = in.lv.base.chunk(i, j, n, s_lv);
+      const A* pe = in.eps.chunk(k, i, j, n, s_eps);
+      for_vectors<Vec>(n, [&](int64_t q, int64_t w) {
         reparam(Vec::loadu(pm + q, w), Vec::loadu(pl + q, w), Vec::loadu(pe + q, w)).store(s_z + q, w);
-      }
+      });
       store_chunk(out + r * span.cols, j, n, s_z);
     });
   });
@@ -166,43 +188,37 @@ std::tuple<at::Tensor, at::Tensor> rsample_backward_cpu(const at::Tensor& grad_z
                                                         std::array<bool, 2> output_mask) {
   const int64_t K = check_rsample_backward_args(grad_z, logvar, seed, eps);
   check_cpu(logvar, "logvar");
-  auto dlv = grad_or_empty(output_mask[0], logvar);
-  auto deps = grad_or_empty(output_mask[1], grad_z);
+  auto dlv = grad_or_empty(output_mask[0], logvar, empty_result);
+  auto deps = grad_or_empty(output_mask[1], grad_z, empty_result);
   if (logvar.numel() == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
   if (K == 0) {
     if (output_mask[0]) dlv.zero_();
     return {dlv, deps};
   }
-  const Span span = eps.has_value() ? span_of({&grad_z, &logvar, &*eps}) : span_of({&grad_z, &logvar});
+  const Span span = span_of(grad_z, logvar, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logvar.scalar_type(), "fastelbo_rsample_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     using Vec = at::vec::Vectorized<A>;
-    const auto g = operand_in<scalar_t>(grad_z, span), lv = operand_in<scalar_t>(logvar, span);
-    const auto e = noise<scalar_t>(eps, seed, span);
+    const Inputs<scalar_t> in = inputs<scalar_t>(grad_z, logvar, eps, seed, span);
     parallel_chunks(span, 1, [&](int64_t i, int64_t j, int64_t n) {
       alignas(64) A s_g[kChunk], s_lv[kChunk], s_eps[kChunk], s_scale[kChunk], s_geps[kChunk], s_deps[kChunk];
-      const A* pl = lv.base.chunk(i, j, n, s_lv);
-      for (int64_t q = 0; q < n; q += Vec::size()) {
-        const int64_t w = std::min<int64_t>(Vec::size(), n - q);
-        reparam_scale(Vec::loadu(pl + q, w)).store(s_scale + q, w);
-      }
+      const A* pl = in.lv.base.chunk(i, j, n, s_lv);
+      for_vectors<Vec>(n, [&](int64_t q, int64_t w) { reparam_scale(Vec::loadu(pl + q, w)).store(s_scale + q, w); });
       for (int64_t k = 0; k < K; ++k) {
-        const A* pg = g.sample(k).chunk(i, j, n, s_g);
-        const A* pe = e.chunk(k, i, j, n, s_eps);
-        for (int64_t q = 0; q < n; q += Vec::size()) {
-          const int64_t w = std::min<int64_t>(Vec::size(), n - q);
+        const A* pg = in.first.sample(k).chunk(i, j, n, s_g);
+        const A* pe = in.eps.chunk(k, i, j, n, s_eps);
+        for_vectors<Vec>(n, [&](int64_t q, int64_t w) {
           const Vec vg = Vec::loadu(pg + q, w);
           const Vec geps = vg * Vec::loadu(pe + q, w);
           (k == 0 ? geps : Vec::loadu(s_geps + q, w) + geps).store(s_geps + q, w);
           reparam_eps_grad(vg, Vec::loadu(s_scale + q, w)).store(s_deps + q, w);
-        }
+        });
         if (output_mask[1]) store_chunk(deps.data_ptr<scalar_t>() + (k * span.rows + i) * span.cols, j, n, s_deps);
       }
       if (output_mask[0]) {
-        for (int64_t q = 0; q < n; q += Vec::size()) {
-          const int64_t w = std::min<int64_t>(Vec::size(), n - q);
+        for_vectors<Vec>(n, [&](int64_t q, int64_t w) {
           reparam_lv_grad(Vec::loadu(s_geps + q, w), Vec::loadu(s_scale + q, w)).store(s_geps + q, w);
-        }
+        });
         store_chunk(dlv.data_ptr<scalar_t>() + i * span.cols, j, n, s_geps);
       }
     });

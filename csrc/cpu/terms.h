@@ -3,7 +3,7 @@
 // Used alone by kl.cpp and loglik.cpp and together by elbo.cpp.
 #pragma once
 
-#include "checks.h"
+#include "ops.h"
 #include "half_tables.h"
 #include "rows.h"
 
@@ -51,15 +51,25 @@ struct KLTerm {
   }
 };
 
-// The backward of a per-row latent term (KLTerm, free_bits.cpp's FreeBitsTerm) over all rows:
-// d = {dmu, dlv, dpmu, dplv}, contiguous [B, Dz] (empty: not asked for), g the upstream gradient per row.
-template <class T, class Term>
-void latent_backward_rows(const Term& term, const RowScalar<T>& g, const std::array<at::Tensor, 4>& d, int64_t rows,
-                          int64_t cols) {
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i)
-      term.backward(i, g[i], {row_ptr<T>(d[0], i), row_ptr<T>(d[1], i), row_ptr<T>(d[2], i), row_ptr<T>(d[3], i)});
+// The backward op of a per-row latent term (KLTerm, free_bits.cpp's FreeBitsTerm) over all rows, every
+// dtype: with_term(T{}, run) builds the term for dtype T and calls run(term). The gradients (mu, logvar,
+// prior_mu, prior_logvar) are contiguous [B, Dz] (empty: not asked for), grad the upstream gradient per row.
+template <class WithTerm>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_backward(const at::Tensor& grad, const at::Tensor& mu,
+                                                                           bool has_prior, std::array<bool, 4> mask,
+                                                                           WithTerm with_term) {
+  std::array<at::Tensor, 4> d = kl_grads(mask, mu, has_prior, empty_result);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fastelbo_latent_backward_cpu", [&] {
+    const RowScalar<scalar_t> g = row_scalar<scalar_t>(grad);
+    with_term(scalar_t{}, [&](const auto& term) {
+      at::parallel_for(0, mu.size(0), row_grain(mu.size(1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i)
+          term.backward(i, g[i], {row_ptr<scalar_t>(d[0], i), row_ptr<scalar_t>(d[1], i), row_ptr<scalar_t>(d[2], i),
+                                  row_ptr<scalar_t>(d[3], i)});
+      });
+    });
   });
+  return {d[0], d[1], d[2], d[3]};
 }
 
 enum class Likelihood { kBernoulli, kGaussian };
@@ -198,11 +208,6 @@ struct LogPQTerm {
                          });
   }
 };
-
-// Per-row results are written in the rows' dtype.
-inline at::Tensor row_result(const at::Tensor& like) {
-  return at::empty({like.size(0)}, like.options().memory_format(at::MemoryFormat::Contiguous));
-}
 
 }  // namespace cpu
 }  // namespace fastelbo

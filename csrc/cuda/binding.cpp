@@ -1,8 +1,9 @@
 // The CUDA implementations of the fastelbo:: ops (schemas in fastelbo/_ops.py):
-// the ops of ../cuda_ops.h (argument checks and output masks exactly as the CPU
-// kernels, then the raw-pointer launchers of csrc/cuda/*.cu) on CUDA tensors,
-// launched on the current stream of the inputs' device. Only the binding sees
-// torch; csrc/emu/binding.cpp registers the same ops on the CUDA emulation.
+// the ops of torch_ops.h (the shape rules of ../checks.h, as the CPU kernels,
+// then the raw-pointer launchers of csrc/cuda/*.cu) on CUDA tensors,
+// launched on the current stream of the inputs' device. Only this file and
+// torch_ops.h see torch; csrc/emu/binding.cpp registers the same ops on the
+// CUDA emulation.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,7 +14,7 @@
 #include <array>
 #include <optional>
 
-#include "../cuda_ops.h"
+#include "torch_ops.h"
 
 namespace fastelbo {
 namespace cuda {

@@ -58,10 +58,6 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-// float32 math for float16/bfloat16/float32, float64 for float64 (DESIGN §1).
-template <class T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 FASTELBO_HD float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
@@ -237,7 +233,7 @@ FASTELBO_DEVICE void store_chunk(T* p, int n, bool vec, const acc_t<T> (&in)[N])
 }
 
 // ---------------------------------------------------------------------------
-// Noise (DESIGN §2): the four normals of counter group g, then the N normals of
+// Noise (docs/design.md §3): the four normals of counter group g, then the N normals of
 // logical elements [n0, n0 + N), from the header's Philox and Box-Muller.
 // ---------------------------------------------------------------------------
 template <class A>

@@ -1,4 +1,4 @@
-// The fused ELBO on the GPU (DESIGN §1 row 6), recon [B, Dx] or K samples [K, B, Dx].
+// The fused ELBO on the GPU (docs/design.md §1), recon [B, Dx] or K samples [K, B, Dx].
 // Forward: one reduce_kernel launch; the group of threads that owns a row sums
 // its [recon, x] rows (log p(x|z), the K samples of a chunk against one read of
 // x) and its [mu, logvar] row (KL) and writes
@@ -44,13 +44,10 @@ void forward(const LikTerm& lik, const KLTermT& kl, const ElboArgs& a, void* elb
 template <class T, class LikTerm>
 void forward_kl(const LikTerm& lik, const ElboArgs& a, void* elbo, void* loglik, void* kl, void* workspace,
                 int num_sms, cudaStream_t stream) {
-  if (a.prior_mu.data) {
-    const KLNormalTerm<T> term{a.cols_z, mat<T>(a.mu), mat<T>(a.logvar), mat<T>(a.prior_mu), mat<T>(a.prior_logvar)};
+  with_prior<T>(a.mu, a.logvar, a.prior_mu, a.prior_logvar, [&](const auto& lat) {
+    const KLTerm<T, kPriorOf<decltype(lat)>> term{a.cols_z, lat};
     forward<T>(lik, term, a, elbo, loglik, kl, workspace, num_sms, stream);
-  } else {
-    const KLStdTerm<T> term{a.cols_z, mat<T>(a.mu), mat<T>(a.logvar)};
-    forward<T>(lik, term, a, elbo, loglik, kl, workspace, num_sms, stream);
-  }
+  });
 }
 
 // The likelihood job (lik) and the KL job in one map_kernel launch.
@@ -58,15 +55,11 @@ template <class T, class LikJob>
 void backward_kl(const LikJob& lik, const ElboArgs& a, const RowGrad<T>& g_kl, void* dmu, void* dlogvar,
                  void* dprior_mu, void* dprior_logvar, int num_sms, cudaStream_t stream) {
   const int64_t c = a.cols_z;
-  if (a.prior_mu.data) {
-    const KLNormalGrad<T> job{a.rows,          c,       g_kl,          mat<T>(a.mu),           mat<T>(a.logvar),
-                              mat<T>(a.prior_mu), mat<T>(a.prior_logvar), out<T>(dmu, c), out<T>(dlogvar, c),
-                              out<T>(dprior_mu, c), out<T>(dprior_logvar, c)};
+  with_prior<T>(a.mu, a.logvar, a.prior_mu, a.prior_logvar, [&](const auto& lat) {
+    const KLGrad<T, kPriorOf<decltype(lat)>> job{
+        a.rows, c, g_kl, lat, out<T>(dmu, c), out<T>(dlogvar, c), out<T>(dprior_mu, c), out<T>(dprior_logvar, c)};
     launch_map(lik, kChunkElems<T>, num_sms, stream, job);
-  } else {
-    const KLStdGrad<T> job{a.rows, c, g_kl, mat<T>(a.mu), mat<T>(a.logvar), out<T>(dmu, c), out<T>(dlogvar, c)};
-    launch_map(lik, kChunkElems<T>, num_sms, stream, job);
-  }
+  });
 }
 
 // A Gaussian likelihood job whose [1, Dx] obs_logvar gradient is summed over the rows:

@@ -15,15 +15,16 @@ namespace cuda {
 namespace {
 
 template <class T, bool kPrior>
-void forward(const KLElems<T, kPrior>& kl, int64_t rows, int64_t cols, double free_bits, void* kl_out,
+void forward(const Latents<T, kPrior>& lat, int64_t rows, int64_t cols, double free_bits, void* kl_out,
              void* kl_dims, void* workspace, int num_sms, cudaStream_t stream) {
   using A = acc_t<T>;
   constexpr int N = kChunkElems<T>;
-  const KLColumnJob<T, kPrior> col{rows, cols, kl};
+  const KLColumnJob<T, kPrior> col{rows, cols, lat};
   launch_col_map<T>(col, col_shape(rows, cols, N, num_sms), workspace, static_cast<A*>(kl_dims), 1,
                     static_cast<A>(rows), stream);
   if (rows == 0) return;
-  const FreeBitsTerm<T, kPrior> term{cols, kl, DimWeights<T>{static_cast<const A*>(kl_dims), 1, static_cast<A>(free_bits)}};
+  const DimWeights<T> weight{static_cast<const A*>(kl_dims), 1, static_cast<A>(free_bits)};
+  const FreeBitsTerm<T, kPrior> term{cols, lat, weight};
   launch_reduce<T>(term, NoTerm<T>{}, StoreSum<T>{static_cast<T*>(kl_out)}, reduce_shape(rows, cols, 0, N, num_sms),
                    workspace, stream);
 }
@@ -46,13 +47,9 @@ void free_bits_kl_forward(DType dtype, int64_t rows, int64_t cols, MatArg mu, Ma
                           int num_sms, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (prior_mu.data) {
-      const KLElems<T, true> e{mat<T>(mu), mat<T>(logvar), mat<T>(prior_mu), mat<T>(prior_logvar)};
-      forward<T, true>(e, rows, cols, free_bits, kl, kl_dims, workspace, num_sms, stream);
-    } else {
-      const KLElems<T, false> e{mat<T>(mu), mat<T>(logvar), Mat<T>{}, Mat<T>{}};
-      forward<T, false>(e, rows, cols, free_bits, kl, kl_dims, workspace, num_sms, stream);
-    }
+    with_prior<T>(mu, logvar, prior_mu, prior_logvar, [&](const auto& lat) {
+      forward(lat, rows, cols, free_bits, kl, kl_dims, workspace, num_sms, stream);
+    });
   });
 }
 
@@ -64,18 +61,12 @@ void free_bits_kl_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad,
     using T = decltype(tag);
     using A = acc_t<T>;
     const DimWeights<T> weight{static_cast<const A*>(kl_dims), kl_dims_stride, static_cast<A>(free_bits)};
-    if (prior_mu.data) {
-      const FreeBitsGrad<T, true> job{rows,           cols,           row_grad<T>(grad),      mat<T>(mu),
-                                      mat<T>(logvar), mat<T>(prior_mu), mat<T>(prior_logvar), weight,
-                                      out<T>(dmu, cols), out<T>(dlogvar, cols), out<T>(dprior_mu, cols),
-                                      out<T>(dprior_logvar, cols)};
+    with_prior<T>(mu, logvar, prior_mu, prior_logvar, [&](const auto& lat) {
+      const FreeBitsGrad<T, kPriorOf<decltype(lat)>> job{
+          rows, cols, row_grad<T>(grad), lat, out<T>(dmu, cols), out<T>(dlogvar, cols), out<T>(dprior_mu, cols),
+          out<T>(dprior_logvar, cols), weight};
       launch_map(job, kChunkElems<T>, num_sms, stream);
-    } else {
-      const FreeBitsGrad<T, false> job{rows,           cols,     row_grad<T>(grad), mat<T>(mu), mat<T>(logvar),
-                                       Mat<T>{},       Mat<T>{}, weight,            out<T>(dmu, cols),
-                                       out<T>(dlogvar, cols), Out<T>{nullptr, false}, Out<T>{nullptr, false}};
-      launch_map(job, kChunkElems<T>, num_sms, stream);
-    }
+    });
   });
 }
 

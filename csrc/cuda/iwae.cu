@@ -1,4 +1,4 @@
-// The importance-weighted bound on the GPU (DESIGN §1 row 7; Burda et al. 2016),
+// The importance-weighted bound on the GPU (docs/design.md §1; Burda et al. 2016),
 // K samples z [K, B, Dz] and their decodings recon [K, B, Dx]:
 //   log w[k, b] = log p(x_b | recon_kb) + sum_j (log p(z_kbj) - log q(z_kbj | x_b))
 //   bound[b]    = m + log sum_k e^(log w[k, b] - m) - log K,  m = max_k log w[k, b]
@@ -6,8 +6,8 @@
 // terms of a row: the likelihood's [recon, x] row and the latent [z, mu, logvar]
 // row; x, mu, logvar of row b shared by the samples), whose epilogue writes
 // log_weights [K, B] (accumulation type), then logmeanexp_kernel, one thread
-// per b reading its K log-weights (stable for log-weights of +-1e4: every
-// exponent is <= 0; m = +-inf gives m, NaN propagates, as torch.logsumexp).
+// per b reading its K log-weights (fastelbo_math.h log_mean_exp: stable for
+// log-weights of +-1e4, m = +-inf gives m, NaN propagates, as torch.logsumexp).
 // Backward, with c[k, b] = dL/dlog w[k, b] (the autograd glue forms it from the
 // saved log-weights: softmax_k * grad_bound):
 //   drecon[k, b] = c * dll/drecon,  dx[b] = sum_k c * dll/dx,  d obs_logvar summed as the ELBO's
@@ -51,33 +51,9 @@ struct LogWeightEpilogue {
 template <class T>
 FASTELBO_GLOBAL void FASTELBO_BOUNDS(256) logmeanexp_kernel(const acc_t<T>* lw, int64_t samples, int64_t rows,
                                                             T* bound) {
-  using A = acc_t<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < rows; b += stride) {
-    A m = A(0), nan = A(0);
-    bool any = false, has_nan = false;
-    for (int64_t k = 0; k < samples; ++k) {
-      const A v = lw[k * rows + b];
-      if (v != v) {
-        has_nan = true;
-        nan = v;
-      } else if (!any || v > m) {
-        m = v;
-        any = true;
-      }
-    }
-    A r;
-    if (has_nan) {
-      r = nan;
-    } else if (!(m - m == A(0))) {  // +-inf: the bound is m (torch.logsumexp)
-      r = m;
-    } else {
-      A s = A(0);
-      for (int64_t k = 0; k < samples; ++k) s += Math<A>::exp(lw[k * rows + b] - m);
-      r = m + Math<A>::log(s) - Math<A>::log(static_cast<A>(samples));
-    }
-    bound[b] = from_acc<T>(r);
-  }
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < rows; b += stride)
+    bound[b] = from_acc<T>(log_mean_exp<acc_t<T>>(lw + b, samples, rows));
 }
 
 template <class T, class LikTerm>
@@ -88,16 +64,11 @@ void forward_latent(const LikTerm& lik, const IwaeArgs& a, MatArg z, void* bound
   const ReduceShape sh = reduce_shape(rows, a.cols_x, a.cols_z, kChunkElems<T>, num_sms);
   const LogWeightEpilogue<T> epi{static_cast<acc_t<T>*>(log_weights)};
   const SampleRow<T, LikTerm> ta{a.cols_x, lik, a.rows, narrow};
-  if (a.prior_mu.data) {
-    const LogPQTerm<T, true> lpq{a.cols_z, mat<T>(z), mat<T>(a.mu), mat<T>(a.logvar), mat<T>(a.prior_mu),
-                                 mat<T>(a.prior_logvar)};
-    launch_reduce<T>(ta, SampleRow<T, LogPQTerm<T, true>>{a.cols_z, lpq, a.rows, narrow}, epi, sh, workspace,
-                     stream);
-  } else {
-    const LogPQTerm<T, false> lpq{a.cols_z, mat<T>(z), mat<T>(a.mu), mat<T>(a.logvar), Mat<T>{}, Mat<T>{}};
-    launch_reduce<T>(ta, SampleRow<T, LogPQTerm<T, false>>{a.cols_z, lpq, a.rows, narrow}, epi, sh, workspace,
-                     stream);
-  }
+  with_prior<T>(a.mu, a.logvar, a.prior_mu, a.prior_logvar, [&](const auto& lat) {
+    using LogPQ = LogPQTerm<T, kPriorOf<decltype(lat)>>;
+    launch_reduce<T>(ta, SampleRow<T, LogPQ>{a.cols_z, LogPQ{a.cols_z, mat<T>(z), lat}, a.rows, narrow}, epi, sh,
+                     workspace, stream);
+  });
   const int64_t blocks = ceil_div(a.rows, 256);
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
   const auto kernel = &logmeanexp_kernel<T>;
@@ -122,16 +93,10 @@ void backward_latent(const LikJob& lik, bool sum_rows, const IwaeArgs& a, MatArg
       launch_map(lik, N, num_sms, stream, latent);
     }
   };
-  if (a.prior_mu.data) {
-    run(LogPQGrad<T, true>{a.rows,          c,           a.samples,      g,          mat<T>(z),
-                           mat<T>(a.mu),    mat<T>(a.logvar), mat<T>(a.prior_mu), mat<T>(a.prior_logvar),
-                           out<T>(dz, c),   out<T>(dmu, c), out<T>(dlogvar, c), out<T>(dprior_mu, c),
-                           out<T>(dprior_logvar, c)});
-  } else {
-    run(LogPQGrad<T, false>{a.rows,        c,       a.samples, g, mat<T>(z), mat<T>(a.mu), mat<T>(a.logvar), Mat<T>{},
-                            Mat<T>{},      out<T>(dz, c), out<T>(dmu, c), out<T>(dlogvar, c), Out<T>{nullptr, false},
-                            Out<T>{nullptr, false}});
-  }
+  with_prior<T>(a.mu, a.logvar, a.prior_mu, a.prior_logvar, [&](const auto& lat) {
+    run(LogPQGrad<T, kPriorOf<decltype(lat)>>{a.rows, c, a.samples, g, mat<T>(z), lat, out<T>(dz, c), out<T>(dmu, c),
+                                              out<T>(dlogvar, c), out<T>(dprior_mu, c), out<T>(dprior_logvar, c)});
+  });
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // Gaussian KL to N(0, I) or to a diagonal Gaussian prior on the GPU
-// (DESIGN §1 rows 2-3): forward = reduce_kernel over KLStdTerm / KLNormalTerm,
-// backward = map_kernel over KLStdGrad / KLNormalGrad.
+// (docs/design.md §1): forward = reduce_kernel over KLTerm,
+// backward = map_kernel over KLGrad (terms.h).
 #include "terms.h"
 
 namespace fastelbo {
@@ -21,13 +21,10 @@ void gaussian_kl_forward(DType dtype, int64_t rows, int64_t cols, MatArg mu, Mat
     using T = decltype(tag);
     const ReduceShape sh = reduce_shape(rows, cols, 0, kChunkElems<T>, num_sms);
     const StoreSum<T> epi{static_cast<T*>(kl)};
-    if (prior_mu.data) {
-      const KLNormalTerm<T> term{cols, mat<T>(mu), mat<T>(logvar), mat<T>(prior_mu), mat<T>(prior_logvar)};
+    with_prior<T>(mu, logvar, prior_mu, prior_logvar, [&](const auto& lat) {
+      const KLTerm<T, kPriorOf<decltype(lat)>> term{cols, lat};
       launch_reduce<T>(term, NoTerm<T>{}, epi, sh, workspace, stream);
-    } else {
-      const KLStdTerm<T> term{cols, mat<T>(mu), mat<T>(logvar)};
-      launch_reduce<T>(term, NoTerm<T>{}, epi, sh, workspace, stream);
-    }
+    });
   });
 }
 
@@ -36,16 +33,12 @@ void gaussian_kl_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad, 
                           void* dprior_logvar, int num_sms, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (prior_mu.data) {
-      const KLNormalGrad<T> job{rows,          cols,          row_grad<T>(grad),       mat<T>(mu),
-                                mat<T>(logvar), mat<T>(prior_mu), mat<T>(prior_logvar), out<T>(dmu, cols),
-                                out<T>(dlogvar, cols), out<T>(dprior_mu, cols), out<T>(dprior_logvar, cols)};
+    with_prior<T>(mu, logvar, prior_mu, prior_logvar, [&](const auto& lat) {
+      const KLGrad<T, kPriorOf<decltype(lat)>> job{
+          rows, cols, row_grad<T>(grad), lat, out<T>(dmu, cols), out<T>(dlogvar, cols), out<T>(dprior_mu, cols),
+          out<T>(dprior_logvar, cols)};
       launch_map(job, kChunkElems<T>, num_sms, stream);
-    } else {
-      const KLStdGrad<T> job{rows, cols, row_grad<T>(grad), mat<T>(mu), mat<T>(logvar), out<T>(dmu, cols),
-                             out<T>(dlogvar, cols)};
-      launch_map(job, kChunkElems<T>, num_sms, stream);
-    }
+    });
   });
 }
 

@@ -1,4 +1,4 @@
-// Bernoulli and Gaussian log-likelihood on the GPU (DESIGN §1 rows 4-5):
+// Bernoulli and Gaussian log-likelihood on the GPU (docs/design.md §1):
 // forward = reduce_kernel over BernoulliTerm / GaussianTerm, backward =
 // map_kernel over BernoulliGrad / GaussianGrad; a [1, Dx] log-variance (one per
 // feature) gets its gradient summed over the rows by col_map_kernel instead

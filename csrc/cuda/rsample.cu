@@ -1,4 +1,4 @@
-// Reparameterized sample on the GPU (DESIGN §1 row 1, noise per §2), K >= 1 samples:
+// Reparameterized sample on the GPU (docs/design.md §1, §3), K >= 1 samples:
 //   forward   z[k] = mu + e^(lv/2) * eps[k]
 //   backward  dlv = (sum_k g[k] * eps[k]) * e^(lv/2) / 2, deps[k] = g[k] * e^(lv/2)
 //             (dmu = sum_k g[k] needs no kernel; the sum before the scale: fastelbo_math.h)

@@ -57,21 +57,6 @@ Out<T> out(void* p, int64_t cols) {
   return Out<T>{static_cast<T*>(p), vectorizable<T>(p, cols, 1)};
 }
 
-// The tail the latent gradient jobs share (KLNormalGrad, FreeBitsGrad,
-// LogPQGrad): store the chunks of row i, columns [j, j + n) into dmu, dlv and,
-// with a prior, dpmu, dplv; a null output is not wanted. Without a prior
-// (kPrior false) dpmu, dplv, pm and pl are never read.
-template <bool kPrior, int N, class T>
-FASTELBO_DEVICE void store_latent_chunks(const Out<T>& dmu, const Out<T>& dlv, const Out<T>& dpmu,
-                                         const Out<T>& dplv, int64_t i, int64_t j, int64_t cols, int n,
-                                         const acc_t<T> (&m)[N], const acc_t<T> (&l)[N], const acc_t<T> (&pm)[N],
-                                         const acc_t<T> (&pl)[N]) {
-  if (dmu.p) store_chunk(dmu.at(i, j, cols), n, dmu.vec, m);
-  if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, l);
-  if (kPrior && dpmu.p) store_chunk(dpmu.at(i, j, cols), n, dpmu.vec, pm);
-  if (kPrior && dplv.p) store_chunk(dplv.at(i, j, cols), n, dplv.vec, pl);
-}
-
 // The upstream gradient of a row: a[i] + b[i], or a[i] - scale * b[i] (the ELBO's
 // folded g_kl); absent vectors read 0.
 template <class T>
@@ -88,92 +73,166 @@ RowGrad<T> row_grad(const VecArg& g) {
 }
 
 // ---------------------------------------------------------------------------
-// KL(N(mu, e^lv) || N(0, I)) and || N(pmu, e^plv)
+// The latent operands of a row: q = N(mu, e^lv) and the prior p = N(pmu, e^plv)
+// (kPrior) or N(0, I) (pmu, plv never read). load() brings a chunk of them into
+// accumulation-typed registers; the formulas of fastelbo_math.h take element e
+// of the loaded chunk (the prior's registers only with kPrior): the KL, log p(z)
+// - log q(z | x), and their gradients (the prior's 0 without a prior).
 // ---------------------------------------------------------------------------
-template <class T>
-struct KLStdTerm {
-  int64_t cols;
-  Mat<T> mu, lv;
-  FASTELBO_DEVICE acc_t<T> operator()(int64_t i, int64_t j, int n) const {
-    using A = acc_t<T>;
-    constexpr int N = kChunkElems<T>;
-    A m[N], l[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-    A s = A(0);
-#pragma unroll
-    for (int k = 0; k < N; ++k)
-      if (k < n) s += kl_std(m[k], l[k]);
-    return s;
-  }
+// The operands: the prior's only with kPrior (no kernel parameter bytes without).
+template <class T, bool kPrior>
+struct LatentOperands {
+  Mat<T> mu, lv, pmu, plv;
 };
 
 template <class T>
-struct KLNormalTerm {
+struct LatentOperands<T, false> {
+  Mat<T> mu, lv;
+};
+
+template <class T, bool kPrior>
+struct Latents : LatentOperands<T, kPrior> {
+  static constexpr bool kHasPrior = kPrior;
+  using A = acc_t<T>;
+  template <int N>
+  using Chunk = A[N];
+
+  template <int N>
+  FASTELBO_DEVICE void load(int64_t i, int64_t j, int n, Chunk<N>& m, Chunk<N>& l, Chunk<N>& pm, Chunk<N>& pl) const {
+    load_chunk(this->mu, i, j, n, m);
+    load_chunk(this->lv, i, j, n, l);
+    if constexpr (kPrior) {
+      load_chunk(this->pmu, i, j, n, pm);
+      load_chunk(this->plv, i, j, n, pl);
+    }
+  }
+
+  // The KL of every element of the chunk of row i, columns [j, j + n) (the lanes past n: of the padding).
+  template <int N>
+  FASTELBO_DEVICE void kl(int64_t i, int64_t j, int n, Chunk<N>& out) const {
+    A m[N], l[N], pm[N], pl[N];
+    load(i, j, n, m, l, pm, pl);
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = kl(m, l, pm, pl, e);
+  }
+
+  template <int N>
+  static FASTELBO_DEVICE A kl(const Chunk<N>& m, const Chunk<N>& l, const Chunk<N>& pm, const Chunk<N>& pl, int e) {
+    return kPrior ? kl_normal(m[e], l[e], pm[e], pl[e]) : kl_std(m[e], l[e]);
+  }
+
+  template <int N>
+  static FASTELBO_DEVICE void kl_grad(A g, const Chunk<N>& m, const Chunk<N>& l, const Chunk<N>& pm,
+                                      const Chunk<N>& pl, int e, A& dmu, A& dlv, A& dpmu, A& dplv) {
+    if (kPrior) {
+      kl_normal_grad(g, m[e], l[e], pm[e], pl[e], dmu, dlv, dpmu, dplv);
+    } else {
+      kl_std_grad(g, m[e], l[e], dmu, dlv);
+      dpmu = dplv = A(0);
+    }
+  }
+
+  template <int N>
+  static FASTELBO_DEVICE A log_pq(A z, const Chunk<N>& m, const Chunk<N>& l, const Chunk<N>& pm, const Chunk<N>& pl,
+                                  int e) {
+    return kPrior ? log_pq_normal(z, m[e], l[e], pm[e], pl[e]) : log_pq_std(z, m[e], l[e]);
+  }
+
+  template <int N>
+  static FASTELBO_DEVICE void log_pq_grad(A g, A z, const Chunk<N>& m, const Chunk<N>& l, const Chunk<N>& pm,
+                                          const Chunk<N>& pl, int e, A& dz, A& dmu, A& dlv, A& dpmu, A& dplv) {
+    if (kPrior) {
+      log_pq_normal_grad(g, z, m[e], l[e], pm[e], pl[e], dz, dmu, dlv, dpmu, dplv);
+    } else {
+      log_pq_std_grad(g, z, m[e], l[e], dz, dmu, dlv);
+      dpmu = dplv = A(0);
+    }
+  }
+};
+
+// kPrior of a Latents (or a reference to one): f's argument below.
+template <class L>
+inline constexpr bool kPriorOf = std::decay_t<L>::kHasPrior;
+
+// f(Latents<T, true>) with a prior (prior_mu given), else f(Latents<T, false>).
+template <class T, class F>
+void with_prior(MatArg mu, MatArg logvar, MatArg prior_mu, MatArg prior_logvar, F f) {
+  if (prior_mu.data)
+    f(Latents<T, true>{{mat<T>(mu), mat<T>(logvar), mat<T>(prior_mu), mat<T>(prior_logvar)}});
+  else
+    f(Latents<T, false>{{mat<T>(mu), mat<T>(logvar)}});
+}
+
+// The tail the latent gradient jobs share (KLGrad, FreeBitsGrad,
+// LogPQGrad): store the chunks of row i, columns [j, j + n) into dmu, dlv and,
+// with a prior, dpmu, dplv; a null output is not wanted. Without a prior
+// (kPrior false) dpmu, dplv, pm and pl are never read.
+template <bool kPrior, int N, class T>
+FASTELBO_DEVICE void store_latent_chunks(const Out<T>& dmu, const Out<T>& dlv, const Out<T>& dpmu,
+                                         const Out<T>& dplv, int64_t i, int64_t j, int64_t cols, int n,
+                                         const acc_t<T> (&m)[N], const acc_t<T> (&l)[N], const acc_t<T> (&pm)[N],
+                                         const acc_t<T> (&pl)[N]) {
+  if (dmu.p) store_chunk(dmu.at(i, j, cols), n, dmu.vec, m);
+  if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, l);
+  if (kPrior && dpmu.p) store_chunk(dpmu.at(i, j, cols), n, dpmu.vec, pm);
+  if (kPrior && dplv.p) store_chunk(dplv.at(i, j, cols), n, dplv.vec, pl);
+}
+
+// ---------------------------------------------------------------------------
+// KL(N(mu, e^lv) || N(0, I) or N(pmu, e^plv)): the term of a row chunk, and
+// the gradient job.
+// ---------------------------------------------------------------------------
+template <class T, bool kPrior>
+struct KLTerm {
   int64_t cols;
-  Mat<T> mu, lv, pmu, plv;
+  Latents<T, kPrior> lat;
   FASTELBO_DEVICE acc_t<T> operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
     A m[N], l[N], pm[N], pl[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-    load_chunk(pmu, i, j, n, pm);
-    load_chunk(plv, i, j, n, pl);
+    lat.load(i, j, n, m, l, pm, pl);
     A s = A(0);
 #pragma unroll
-    for (int k = 0; k < N; ++k)
-      if (k < n) s += kl_normal(m[k], l[k], pm[k], pl[k]);
+    for (int e = 0; e < N; ++e)
+      if (e < n) s += lat.kl(m, l, pm, pl, e);
     return s;
   }
 };
 
+// The dimensions of a gradient job (KLGrad's Dims): EveryDim keeps every gradient (the plain KL);
+// free bits' DimWeights (below) zero those of the floored dimensions.
 template <class T>
-struct KLStdGrad {
-  int64_t rows, cols;
-  RowGrad<T> g;
-  Mat<T> mu, lv;
-  Out<T> dmu, dlv;
-  FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
-    using A = acc_t<T>;
-    constexpr int N = kChunkElems<T>;
-    const A gi = g(i);
-    A m[N], l[N], o0[N], o1[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-#pragma unroll
-    for (int k = 0; k < N; ++k) kl_std_grad(gi, m[k], l[k], o0[k], o1[k]);
-    if (dmu.p) store_chunk(dmu.at(i, j, cols), n, dmu.vec, o0);
-    if (dlv.p) store_chunk(dlv.at(i, j, cols), n, dlv.vec, o1);
-  }
+struct EveryDim {
+  FASTELBO_DEVICE acc_t<T> at(int64_t, int, int) const { return acc_t<T>(0); }
+  FASTELBO_DEVICE static acc_t<T> keep(acc_t<T>, acc_t<T> v) { return v; }
 };
 
-template <class T>
-struct KLNormalGrad {
+// The gradient job of the KL, and of free bits with Dims = DimWeights (FreeBitsGrad).
+template <class T, bool kPrior, class Dims = EveryDim<T>>
+struct KLGrad {
   int64_t rows, cols;
   RowGrad<T> g;
-  Mat<T> mu, lv, pmu, plv;
+  Latents<T, kPrior> lat;
   Out<T> dmu, dlv, dpmu, dplv;
+  Dims dims;
   FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
     const A gi = g(i);
     A m[N], l[N], pm[N], pl[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-    load_chunk(pmu, i, j, n, pm);
-    load_chunk(plv, i, j, n, pl);
+    lat.load(i, j, n, m, l, pm, pl);
     // Reuse the inputs' registers for the outputs.
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
+    for (int e = 0; e < N; ++e) {
+      const A w = dims.at(j, e, n);
       A a, b, c, d;
-      kl_normal_grad(gi, m[k], l[k], pm[k], pl[k], a, b, c, d);
-      m[k] = a;
-      l[k] = b;
-      pm[k] = c;
-      pl[k] = d;
+      lat.kl_grad(gi, m, l, pm, pl, e, a, b, c, d);
+      m[e] = dims.keep(w, a);
+      l[e] = dims.keep(w, b);
+      pm[e] = dims.keep(w, c);
+      pl[e] = dims.keep(w, d);
     }
-    store_latent_chunks<true>(dmu, dlv, dpmu, dplv, i, j, cols, n, m, l, pm, pl);
+    store_latent_chunks<kPrior>(dmu, dlv, dpmu, dplv, i, j, cols, n, m, l, pm, pl);
   }
 };
 
@@ -186,24 +245,6 @@ struct KLNormalGrad {
 //   pass 2  kl[b] = sum_j free_bits_select(w[j], KL[b, j], fb)   FreeBitsTerm (reduce_kernel)
 //   backward  dX[b, j] = free_bits_select(w[j], g[b] * dKL[b, j]/dX, 0)   FreeBitsGrad (map_kernel)
 // ---------------------------------------------------------------------------
-template <class T, bool kPrior>
-struct KLElems {
-  Mat<T> mu, lv, pmu, plv;
-  template <int N>
-  FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n, acc_t<T> (&out)[N]) const {
-    using A = acc_t<T>;
-    A m[N], l[N], pm[N], pl[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-    if (kPrior) {
-      load_chunk(pmu, i, j, n, pm);
-      load_chunk(plv, i, j, n, pl);
-    }
-#pragma unroll
-    for (int e = 0; e < N; ++e) out[e] = kPrior ? kl_normal(m[e], l[e], pm[e], pl[e]) : kl_std(m[e], l[e]);
-  }
-};
-
 // The per-dimension weights of the floor: kl_dims [cols] (accumulation type, any stride).
 template <class T>
 struct DimWeights {
@@ -211,16 +252,20 @@ struct DimWeights {
   int64_t stride;
   acc_t<T> free_bits;
   FASTELBO_DEVICE acc_t<T> operator()(int64_t j) const { return free_bits_weight(kl_dims[j * stride], free_bits); }
+  // As KLGrad's Dims: the weight of element e of a chunk from column j (n valid), and the gradient v
+  // under it, a select, not a product: a floored dimension's gradient is exactly 0 (torch.where).
+  FASTELBO_DEVICE acc_t<T> at(int64_t j, int e, int n) const { return e < n ? (*this)(j + e) : acc_t<T>(0); }
+  FASTELBO_DEVICE static acc_t<T> keep(acc_t<T> w, acc_t<T> v) { return free_bits_select(w, v, acc_t<T>(0)); }
 };
 
 template <class T, bool kPrior>
 struct KLColumnJob {
   int64_t rows, cols;
-  KLElems<T, kPrior> kl;
+  Latents<T, kPrior> lat;
   template <int N>
   FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n, acc_t<T> (&acc)[N]) const {
     acc_t<T> v[N];
-    kl(i, j, n, v);
+    lat.kl(i, j, n, v);
 #pragma unroll
     for (int e = 0; e < N; ++e)
       if (e < n) acc[e] += v[e];
@@ -230,13 +275,13 @@ struct KLColumnJob {
 template <class T, bool kPrior>
 struct FreeBitsTerm {
   int64_t cols;
-  KLElems<T, kPrior> kl;
+  Latents<T, kPrior> lat;
   DimWeights<T> weight;
   FASTELBO_DEVICE acc_t<T> operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
     A v[N];
-    kl(i, j, n, v);
+    lat.kl(i, j, n, v);
     A s = A(0);
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -246,41 +291,7 @@ struct FreeBitsTerm {
 };
 
 template <class T, bool kPrior>
-struct FreeBitsGrad {
-  int64_t rows, cols;
-  RowGrad<T> g;
-  Mat<T> mu, lv, pmu, plv;
-  DimWeights<T> weight;
-  Out<T> dmu, dlv, dpmu, dplv;
-  FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
-    using A = acc_t<T>;
-    constexpr int N = kChunkElems<T>;
-    const A gi = g(i);
-    A m[N], l[N], pm[N], pl[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-    if (kPrior) {
-      load_chunk(pmu, i, j, n, pm);
-      load_chunk(plv, i, j, n, pl);
-    }
-#pragma unroll
-    for (int e = 0; e < N; ++e) {
-      const A w = e < n ? weight(j + e) : A(0);
-      A a, b, c = A(0), d = A(0);
-      if (kPrior) {
-        kl_normal_grad(gi, m[e], l[e], pm[e], pl[e], a, b, c, d);
-      } else {
-        kl_std_grad(gi, m[e], l[e], a, b);
-      }
-      // A select, not a product: a floored dimension's gradient is exactly 0 (torch.where).
-      m[e] = free_bits_select(w, a, A(0));
-      l[e] = free_bits_select(w, b, A(0));
-      pm[e] = free_bits_select(w, c, A(0));
-      pl[e] = free_bits_select(w, d, A(0));
-    }
-    store_latent_chunks<kPrior>(dmu, dlv, dpmu, dplv, i, j, cols, n, m, l, pm, pl);
-  }
-};
+using FreeBitsGrad = KLGrad<T, kPrior, DimWeights<T>>;
 
 // ---------------------------------------------------------------------------
 // The upstream gradient of sample k of row i, for the K-sample gradient jobs:
@@ -484,30 +495,26 @@ void with_likelihood_grad(const ElboArgs& a, const G& g, void* dx, void* drecon,
 
 // ---------------------------------------------------------------------------
 // log p(z) - log q(z | x) (the latent part of the IWAE log-weight), z [K, rows,
-// cols] (Mat::sk), q = N(mu, e^lv), p = N(0, I) or N(pmu, e^plv) (kPrior):
+// cols] (Mat::sk), q and p the Latents:
 // the term of sample k's row, and the gradient job looping over the samples
 // (dz per sample; dmu, dlv, dpmu, dplv summed over them in registers).
 // ---------------------------------------------------------------------------
 template <class T, bool kPrior>
 struct LogPQTerm {
   int64_t cols;
-  Mat<T> z, mu, lv, pmu, plv;
+  Mat<T> z;
+  Latents<T, kPrior> lat;
   FASTELBO_DEVICE acc_t<T> sum(int64_t i, int64_t j, int n, int64_t k0, int64_t k1) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
     A zz[N], m[N], l[N], pm[N], pl[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-    if (kPrior) {
-      load_chunk(pmu, i, j, n, pm);
-      load_chunk(plv, i, j, n, pl);
-    }
+    lat.load(i, j, n, m, l, pm, pl);
     A s = A(0);
     for (int64_t k = k0; k < k1; ++k) {
       load_chunk(z.sample(k), i, j, n, zz);
 #pragma unroll
       for (int e = 0; e < N; ++e)
-        if (e < n) s += kPrior ? log_pq_normal(zz[e], m[e], l[e], pm[e], pl[e]) : log_pq_std(zz[e], m[e], l[e]);
+        if (e < n) s += lat.log_pq(zz[e], m, l, pm, pl, e);
     }
     return s;
   }
@@ -517,18 +524,14 @@ template <class T, bool kPrior>
 struct LogPQGrad {
   int64_t rows, cols, samples;
   WeightGrad<T> g;
-  Mat<T> z, mu, lv, pmu, plv;
+  Mat<T> z;
+  Latents<T, kPrior> lat;
   Out<T> dz, dmu, dlv, dpmu, dplv;  // dz [K, rows, cols]
   FASTELBO_DEVICE void operator()(int64_t i, int64_t j, int n) const {
     using A = acc_t<T>;
     constexpr int N = kChunkElems<T>;
     A zz[N], m[N], l[N], pm[N], pl[N], sm[N], sl[N], spm[N], spl[N];
-    load_chunk(mu, i, j, n, m);
-    load_chunk(lv, i, j, n, l);
-    if (kPrior) {
-      load_chunk(pmu, i, j, n, pm);
-      load_chunk(plv, i, j, n, pl);
-    }
+    lat.load(i, j, n, m, l, pm, pl);
 #pragma unroll
     for (int e = 0; e < N; ++e) sm[e] = sl[e] = spm[e] = spl[e] = A(0);
     for (int64_t k = 0; k < samples; ++k) {
@@ -536,12 +539,8 @@ struct LogPQGrad {
       load_chunk(z.sample(k), i, j, n, zz);
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        A a, b, c, d = A(0), f = A(0);
-        if (kPrior) {
-          log_pq_normal_grad(gk, zz[e], m[e], l[e], pm[e], pl[e], a, b, c, d, f);
-        } else {
-          log_pq_std_grad(gk, zz[e], m[e], l[e], a, b, c);
-        }
+        A a, b, c, d, f;
+        lat.log_pq_grad(gk, zz[e], m, l, pm, pl, e, a, b, c, d, f);
         zz[e] = a;
         sm[e] += b;
         sl[e] += c;

@@ -3,8 +3,8 @@
 // the "cuda-emulated" backend of the test suite (fastelbo/_emulated.py defines
 // the ops; fastelbo/_build.py builds this extension only when asked).
 //
-// The very ops of csrc/cuda/binding.cpp (../cuda_ops.h: the same argument checks
-// and output masks as the CPU ops, then the raw-pointer launchers of
+// The very ops of csrc/cuda/binding.cpp (../cuda/torch_ops.h: the shape rules of
+// ../checks.h, as the CPU ops, then the raw-pointer launchers of
 // csrc/cuda/launchers.h) with a device policy for CPU memory: "device memory"
 // is host memory, the stream is null (emulated launches are synchronous) and
 // the multiprocessor count is FASTELBO_EMU_SMS (default 1, geometry.cpp):
@@ -16,7 +16,7 @@
 
 #include <optional>
 
-#include "../cuda_ops.h"
+#include "../cuda/torch_ops.h"
 
 extern "C" int fastelbo_emu_sms();  // geometry.cpp
 

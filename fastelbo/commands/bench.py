@@ -6,6 +6,13 @@
     fastelbo bench --compare bench/baseline.json   exit 1 if a speedup ratio fell > 15% below the baseline
     fastelbo bench --from-json results.json --compare bench/baseline.json   compare without re-running
     fastelbo bench --save-baseline bench/baseline.json   (re)write the committed baseline from this run
+
+A/B and instruction counts (fastelbo/bench/ab.py, counts.py):
+    fastelbo bench --against                    the working tree against the merge base with main, timed in
+                                                alternating rounds; exit 1 for a significant slowdown > 10%
+    fastelbo bench --against v0.1.0 --ops step --shapes 4096x784x64
+    fastelbo bench --count --compare bench/counts.json   instructions per call (callgrind) against the baseline
+    fastelbo bench --count --against HEAD       instruction counts of HEAD and of the working tree
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ def add_arguments(parser) -> None:
     how.add_argument("--profile", action="store_true",
                      help="also print a torch.profiler table of each fastelbo implementation per case")
     out = parser.add_argument_group("output and regression check")
-    out.add_argument("--json", default="bench-results/fastelbo-bench.json", help="where to write the results JSON")
+    out.add_argument("--json", default=None, help="where to write the results JSON (default "
+                                                    "bench-results/fastelbo-bench.json, -ab.json, -counts.json)")
     out.add_argument("--png", help="where to write the speedup plot (default: the JSON path with .png)")
     out.add_argument("--no-plot", action="store_true", help="write no PNG")
     out.add_argument("--from-json", metavar="RESULTS", nargs="+",
@@ -51,7 +59,36 @@ def add_arguments(parser) -> None:
     out.add_argument("--retries", type=int, default=2,
                      help="with --compare: re-measure the cases that regressed up to this many times and keep each "
                           "ratio's best; a real regression persists, a burst of machine load does not (default 2)")
-    out.add_argument("--save-baseline", metavar="PATH", help="write this run's ratios as a baseline JSON")
+    out.add_argument("--save-baseline", metavar="PATH", help="write this run's ratios (with --count: its "
+                                                              "instruction counts) as a baseline JSON")
+    ab = parser.add_argument_group("A/B against a git revision, same machine, same run (no baseline file)")
+    ab.add_argument("--against", metavar="REV", nargs="?", const="",
+                    help="time (or with --count, count) REV's build against the working tree's, each in its own "
+                         "worker process, rounds alternating A B B A; REV defaults to the merge base with main. "
+                         "Exit 1 only for a case significantly slower by more than --threshold")
+    ab.add_argument("--candidate", metavar="REV_OR_DIR",
+                    help="side B: a revision or a directory (default: the working tree, uncommitted changes included)")
+    ab.add_argument("--repo", metavar="DIR",
+                    help="the git checkout whose revisions are compared (default: fastelbo's own); with --workload, "
+                         "a project that uses fastelbo")
+    ab.add_argument("--workload", metavar="FILE:FUNCTION",
+                    help="time FUNCTION() of FILE (a dict of name -> zero-argument callable, built with each side's "
+                         "code) instead of fastelbo's cases: a downstream project's own step")
+    ab.add_argument("--threshold", type=float, default=None,
+                    help="fail above this slowdown (default 0.10 for time, 0.02 for instruction counts)")
+    ab.add_argument("--pairs", type=int, help="A/B round pairs per case (default 30: 15 ABBA blocks)")
+    ab.add_argument("--alpha", type=float, default=0.05,
+                    help="family-wise error rate of the A/B verdicts (default 0.05)")
+    ab.add_argument("--resolution", type=float, default=None,
+                    help="a significant A/B difference smaller than this counts as no difference (default: the "
+                         "threshold; two processes of one build differed by up to 7%% on a busy machine)")
+    ab.add_argument("--statistic", choices=("min", "mean"), default="min",
+                    help="what one A/B round contributes: its fastest call (default: load only adds time) or its "
+                         "mean per call (also sees costs that hit some calls only, and more of the machine's noise)")
+    ab.add_argument("--count", action="store_true",
+                    help="instructions executed per call under valgrind's callgrind (AVX2 build, 1 thread) instead "
+                         "of time: deterministic. Alone: print them; with --compare: check a count baseline "
+                         "(bench/counts.json); with --against: A/B on counts. Exit 3 when counting is not possible")
 
 
 def _full_requested(args) -> bool:
@@ -60,9 +97,9 @@ def _full_requested(args) -> bool:
     return os.environ.get("FASTELBO_BENCH_FULL", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _select(args, C):
+def _select(args, C, count: bool = False):
     full = _full_requested(args)
-    kw = {}
+    kw = {"shapes": (C.TINY,)} if count and not full else {}  # counting: the tiny shape unless told otherwise
     if args.ops:
         unknown = [o for o in _csv(args.ops) if o not in C.OPS]
         if unknown:
@@ -87,8 +124,29 @@ def _select(args, C):
 
 
 def run(args) -> int:
+    if args.against is not None or args.count:
+        from ..bench import ab_cli
+        from ..bench import cases as C
+
+        try:
+            case_list, _, _ = _select(args, C, count=args.count)
+        except ValueError as exc:
+            print(f"fastelbo bench: {exc}", file=sys.stderr)
+            return 2
+        if args.count:
+            return ab_cli.run_count(args, case_list, explicit_selection=_explicit(args))
+        return ab_cli.run_against(args, case_list)
+    return _run_sweep(args)
+
+
+def _explicit(args) -> bool:
+    return any((args.ops, args.passes, args.shapes, args.dtypes, _full_requested(args)))
+
+
+def _run_sweep(args) -> int:
     import torch
 
+    args.json = args.json or "bench-results/fastelbo-bench.json"
     from ..bench import cases as C
     from ..bench import measure as M
     from ..bench import plot, report, sweep

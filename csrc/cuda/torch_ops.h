@@ -1,10 +1,10 @@
-// The torch side of the CUDA kernels' ops, written once for the two builds of
-// csrc/cuda: the real one (csrc/cuda/binding.cpp: CUDA tensors, the current
-// CUDA stream, fastelbo::<op> for the CUDA dispatch key) and the test-only
-// emulated one (csrc/emu/binding.cpp: CPU tensors, synchronous launches on the
-// emulation, fastelbo::emu_<op> for the CPU key). Argument checks and output
-// masks exactly as the CPU ops (csrc/cpu/checks.h, the same messages), then the
-// raw-pointer launchers of csrc/cuda/launchers.h.
+// torch_ops.h: the torch side of the CUDA kernels' ops, written once for the two
+// builds of csrc/cuda: the real one (binding.cpp: CUDA tensors, the current CUDA
+// stream, fastelbo::<op> for the CUDA dispatch key) and the test-only emulated one
+// (../emu/binding.cpp: CPU tensors, synchronous launches on the emulation,
+// fastelbo::emu_<op> for the CPU key). The shape rules of ../checks.h (the same
+// checks, messages and result shapes as the CPU ops), then the raw-pointer
+// launchers of launchers.h.
 //
 // Everything device-specific comes from the Device policy:
 //   static void check(const at::Tensor& first, const char* name, Others others)  all on the right device
@@ -13,8 +13,9 @@
 //   static cudaStream_t stream()                                                the launches' stream
 //   static const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& like, at::Tensor& holder)
 //   static void launched()                                                      after each launcher call
-// Included by the two binding.cpp files only, after the torch headers (it is not
-// a kernel header: csrc/cuda/*.h stay free of torch, SUBSET.md).
+// The one header of csrc/cuda that sees torch, included by the two binding.cpp
+// files only, after the torch headers; the kernels and their headers stay free
+// of torch (SUBSET.md).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,29 +31,12 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/checks.h"
-#include "cuda/launchers.h"
+#include "../checks.h"
+#include "launchers.h"
 
 namespace fastelbo {
 namespace cuda_ops {
 
-using cpu::acc_dtype;
-using cpu::check_elbo_upstream;
-using cpu::check_elbo_shapes;
-using cpu::check_free_bits;
-using cpu::check_free_bits_backward;
-using cpu::check_gaussian_args;
-using cpu::check_iwae_shapes;
-using cpu::check_kl_args;
-using cpu::check_like;
-using cpu::check_log_weights_grad;
-using cpu::check_row_grad;
-using cpu::check_rsample_args;
-using cpu::check_rsample_backward_args;
-using cpu::elbo_grads;
-using cpu::grad_or_empty;
-using cpu::iwae_grads;
-using cpu::kl_grads;
 using cuda::DType;
 using cuda::ElboArgs;
 using cuda::IwaeArgs;
@@ -93,10 +77,6 @@ inline VecArg vec(const Opt& t) { return t.has_value() ? VecArg{t->const_data_pt
 
 inline void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
-inline at::Tensor row_result(const at::Tensor& like) {
-  return at::empty({like.size(0)}, like.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 inline at::Tensor bytes_like(const at::Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
@@ -122,8 +102,8 @@ inline at::Tensor x_range_flag(bool validate_x, const at::Tensor& like) {
 
 inline int* flag_ptr(const at::Tensor& flag) { return flag.defined() ? flag.data_ptr<int>() : nullptr; }
 
-inline void check_x_in_unit_interval(const at::Tensor& flag) {
-  if (flag.defined()) cpu::check_x_in_unit_interval(flag.item<int>() != 0);
+inline void check_x_flag(const at::Tensor& flag) {
+  if (flag.defined()) check_x_in_unit_interval(flag.item<int>() != 0);
 }
 
 
@@ -155,6 +135,21 @@ template <class Device>
 struct Ops {
   using Guard = typename Device::Guard;
 
+  // The forward of a per-row op over `like` [rows, cols]: under like's device, a [rows] result, and
+  // launch(rows, cols, result, workspace, sms) unless the batch is empty.
+  template <class Launch>
+  static at::Tensor row_forward(const at::Tensor& like, Launch launch) {
+    const Guard guard(like);
+    auto out = row_result(like);
+    const int64_t rows = like.size(0), cols = like.size(1);
+    if (rows == 0) return out;
+    const int sms = Device::num_sms(like);
+    auto ws = workspace(like, rows, cols, 0, sms);
+    launch(rows, cols, ptr(out), ptr(ws), sms);
+    Device::launched();
+    return out;
+  }
+
   // ---------------------------------------------------------------------------
   // rsample, philox_noise
   // ---------------------------------------------------------------------------
@@ -183,8 +178,8 @@ struct Ops {
     const Opt g(grad_z);
     Device::check(logvar, "logvar", {{&g, "grad_z"}, {&eps, "eps"}});
     const Guard guard(logvar);
-    auto dlv = grad_or_empty(output_mask[0], logvar);
-    auto deps = grad_or_empty(output_mask[1], grad_z);
+    auto dlv = grad_or_empty(output_mask[0], logvar, empty_contiguous);
+    auto deps = grad_or_empty(output_mask[1], grad_z, empty_contiguous);
     const int64_t rows = logvar.size(0), cols = logvar.size(1);
     if (rows * cols == 0 || !(output_mask[0] || output_mask[1])) return {dlv, deps};
     if (K == 0) {  // no sample: dlogvar sums nothing
@@ -225,16 +220,10 @@ struct Ops {
     check_kl_args(mu, logvar, prior_mu, prior_logvar);
     const Opt lv(logvar);
     Device::check(mu, "mu", {{&lv, "logvar"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
-    const Guard guard(mu);
-    auto kl = row_result(mu);
-    const int64_t rows = mu.size(0), cols = mu.size(1);
-    if (rows == 0) return kl;
-    const int sms = Device::num_sms(mu);
-    auto ws = workspace(mu, rows, cols, 0, sms);
-    cuda::gaussian_kl_forward(dtype_of(mu.scalar_type()), rows, cols, mat(mu), mat(logvar), mat(prior_mu),
-                              mat(prior_logvar), ptr(kl), ptr(ws), sms, Device::stream());
-    Device::launched();
-    return kl;
+    return row_forward(mu, [&](int64_t rows, int64_t cols, void* kl, void* ws, int sms) {
+      cuda::gaussian_kl_forward(dtype_of(mu.scalar_type()), rows, cols, mat(mu), mat(logvar), mat(prior_mu),
+                                mat(prior_logvar), kl, ws, sms, Device::stream());
+    });
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
@@ -247,7 +236,7 @@ struct Ops {
                   {{&lv, "logvar"}, {&g, "grad"}, {&prior_mu, "prior_mu"}, {&prior_logvar, "prior_logvar"}});
     const Guard guard(mu);
     const bool has_prior = prior_mu.has_value();
-    std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
+    std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior, empty_contiguous);
     if (mu.numel() > 0) {
       cuda::gaussian_kl_backward(dtype_of(mu.scalar_type()), mu.size(0), mu.size(1), vec(g), mat(mu), mat(logvar),
                                  mat(prior_mu), mat(prior_logvar), ptr(d[0]), ptr(d[1]), ptr(d[2]), ptr(d[3]),
@@ -296,7 +285,7 @@ struct Ops {
                    {&prior_logvar, "prior_logvar"}});
     const Guard guard(mu);
     const bool has_prior = prior_mu.has_value();
-    std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior);
+    std::array<at::Tensor, 4> d = kl_grads(output_mask, mu, has_prior, empty_contiguous);
     if (mu.numel() > 0) {
       cuda::free_bits_kl_backward(dtype_of(mu.scalar_type()), mu.size(0), mu.size(1), vec(g),
                                   kl_dims.const_data_ptr(), kl_dims.stride(0), mat(mu), mat(logvar), mat(prior_mu),
@@ -314,17 +303,13 @@ struct Ops {
     check_like(logits, "logits", x, "x");
     const Opt xx(x);
     Device::check(logits, "logits", {{&xx, "x"}});
-    const Guard guard(logits);
-    auto ll = row_result(logits);
-    const int64_t rows = logits.size(0), cols = logits.size(1);
-    if (rows == 0) return ll;
-    const int sms = Device::num_sms(logits);
-    auto ws = workspace(logits, rows, cols, 0, sms);
-    const auto flag = x_range_flag(validate_x, logits);
-    cuda::bernoulli_log_prob_forward(dtype_of(logits.scalar_type()), rows, cols, mat(logits), mat(x), ptr(ll),
-                                     flag_ptr(flag), ptr(ws), sms, Device::stream());
-    Device::launched();
-    check_x_in_unit_interval(flag);
+    at::Tensor flag;
+    auto ll = row_forward(logits, [&](int64_t rows, int64_t cols, void* out, void* ws, int sms) {
+      flag = x_range_flag(validate_x, logits);
+      cuda::bernoulli_log_prob_forward(dtype_of(logits.scalar_type()), rows, cols, mat(logits), mat(x), out,
+                                       flag_ptr(flag), ws, sms, Device::stream());
+    });
+    check_x_flag(flag);
     return ll;
   }
 
@@ -336,8 +321,8 @@ struct Ops {
     const Opt xx(x), g(grad);
     Device::check(logits, "logits", {{&xx, "x"}, {&g, "grad"}});
     const Guard guard(logits);
-    auto dl = grad_or_empty(output_mask[0], logits);
-    auto dx = grad_or_empty(output_mask[1], logits);
+    auto dl = grad_or_empty(output_mask[0], logits, empty_contiguous);
+    auto dx = grad_or_empty(output_mask[1], logits, empty_contiguous);
     if (logits.numel() > 0) {
       cuda::bernoulli_log_prob_backward(dtype_of(logits.scalar_type()), logits.size(0), logits.size(1), vec(g),
                                         mat(logits), mat(x), ptr(dl), ptr(dx), Device::num_sms(logits),
@@ -351,16 +336,10 @@ struct Ops {
     check_gaussian_args(mean, x, logvar);
     const Opt xx(x), lv(logvar);
     Device::check(mean, "mean", {{&xx, "x"}, {&lv, "logvar"}});
-    const Guard guard(mean);
-    auto ll = row_result(mean);
-    const int64_t rows = mean.size(0), cols = mean.size(1);
-    if (rows == 0) return ll;
-    const int sms = Device::num_sms(mean);
-    auto ws = workspace(mean, rows, cols, 0, sms);
-    cuda::gaussian_log_prob_forward(dtype_of(mean.scalar_type()), rows, cols, mat(mean), mat(x), mat(logvar),
-                                    ptr(ll), ptr(ws), sms, Device::stream());
-    Device::launched();
-    return ll;
+    return row_forward(mean, [&](int64_t rows, int64_t cols, void* ll, void* ws, int sms) {
+      cuda::gaussian_log_prob_forward(dtype_of(mean.scalar_type()), rows, cols, mat(mean), mat(x), mat(logvar), ll,
+                                      ws, sms, Device::stream());
+    });
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(const at::Tensor& grad,
@@ -373,8 +352,9 @@ struct Ops {
     const Opt xx(x), lv(logvar), g(grad);
     Device::check(mean, "mean", {{&xx, "x"}, {&lv, "logvar"}, {&g, "grad"}});
     const Guard guard(mean);
-    std::array<at::Tensor, 3> d = {grad_or_empty(output_mask[0], mean), grad_or_empty(output_mask[1], mean),
-                                   grad_or_empty(output_mask[2], logvar)};
+    std::array<at::Tensor, 3> d = {grad_or_empty(output_mask[0], mean, empty_contiguous),
+                                   grad_or_empty(output_mask[1], mean, empty_contiguous),
+                                   grad_or_empty(output_mask[2], logvar, empty_contiguous)};
     const int64_t rows = mean.size(0), cols = mean.size(1);
     if (rows * cols == 0) {
       if (output_mask[2]) d[2].zero_();  // a [1, D] logvar of an empty batch: nothing summed
@@ -407,7 +387,7 @@ struct Ops {
                                                              const Opt& obs_logvar, const Opt& prior_mu,
                                                              const Opt& prior_logvar, c10::string_view likelihood,
                                                              double beta, bool validate_x) {
-    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
+    const LikelihoodKind kind = parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian;
     const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar);
@@ -421,7 +401,7 @@ struct Ops {
     a.x_out_of_range = flag_ptr(flag);
     cuda::elbo_forward(dtype_of(recon.scalar_type()), a, ptr(e), ptr(ll), ptr(kl), ptr(ws), sms, Device::stream());
     Device::launched();
-    check_x_in_unit_interval(flag);
+    check_x_flag(flag);
     return {e, ll, kl};
   }
 
@@ -430,14 +410,15 @@ struct Ops {
       const Opt& grad_elbo, const Opt& grad_loglik, const Opt& grad_kl, const at::Tensor& x, const at::Tensor& recon,
       const at::Tensor& mu, const at::Tensor& logvar, const Opt& obs_logvar, const Opt& prior_mu,
       const Opt& prior_logvar, c10::string_view likelihood, double beta, std::array<bool, 7> output_mask) {
-    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
+    const LikelihoodKind kind = parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian, has_prior = prior_mu.has_value();
     const int64_t K = check_elbo_shapes(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     check_elbo_upstream(grad_elbo, grad_loglik, grad_kl, x);
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar);
     Device::check(recon, "recon", {{&grad_elbo, "grad_elbo"}, {&grad_loglik, "grad_loglik"}, {&grad_kl, "grad_kl"}});
     const Guard guard(recon);
-    std::array<at::Tensor, 7> d = elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior);
+    std::array<at::Tensor, 7> d =
+        elbo_grads(output_mask, x, recon, mu, obs_logvar, gaussian, has_prior, empty_contiguous);
     const ElboArgs a = fused_args(K, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind, beta);
     if (a.rows == 0 || (a.cols_x == 0 && a.cols_z == 0)) {
       if (d[4].numel()) d[4].zero_();  // a [1, Dx] obs_logvar of an empty batch: nothing summed
@@ -460,7 +441,7 @@ struct Ops {
                                                        const at::Tensor& logvar, const Opt& obs_logvar,
                                                        const Opt& prior_mu, const Opt& prior_logvar,
                                                        c10::string_view likelihood, bool validate_x) {
-    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
+    const LikelihoodKind kind = parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian;
     const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     check_fused_devices(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, Opt(z));
@@ -477,7 +458,7 @@ struct Ops {
     cuda::iwae_forward(dtype_of(recon.scalar_type()), a, mat(z), ptr(bound), ptr(lw), ptr(ws), sms,
                        Device::stream());
     Device::launched();
-    check_x_in_unit_interval(flag);
+    check_x_flag(flag);
     return {bound, lw};
   }
 
@@ -487,7 +468,7 @@ struct Ops {
                       const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, const Opt& obs_logvar,
                       const Opt& prior_mu, const Opt& prior_logvar, c10::string_view likelihood,
                       std::array<bool, 8> output_mask) {
-    const LikelihoodKind kind = cpu::parse_likelihood<LikelihoodKind>(likelihood);
+    const LikelihoodKind kind = parse_likelihood<LikelihoodKind>(likelihood);
     const bool gaussian = kind == LikelihoodKind::kGaussian, has_prior = prior_mu.has_value();
     const int64_t K = check_iwae_shapes(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, gaussian);
     const int64_t B = x.size(0);
@@ -496,7 +477,8 @@ struct Ops {
     const Opt glw(grad_log_weights);
     Device::check(recon, "recon", {{&glw, "grad_log_weights"}});
     const Guard guard(recon);
-    std::array<at::Tensor, 8> d = iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior);
+    std::array<at::Tensor, 8> d =
+        iwae_grads(output_mask, x, recon, z, mu, obs_logvar, gaussian, has_prior, empty_contiguous);
     const IwaeArgs a = fused_args(K, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, kind, 1.0);
     if (B == 0 || (a.cols_x == 0 && a.cols_z == 0)) {
       if (d[5].numel()) d[5].zero_();  // a [1, Dx] obs_logvar of an empty batch: nothing summed

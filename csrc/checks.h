@@ -1,5 +1,11 @@
-// Argument checks shared by the CPU ops. The Python API validates first with
-// friendlier messages; these guard direct torch.ops.fastelbo.* calls.
+// checks.h: the shape rules of the fastelbo:: ops, written once for every C++
+// backend (the CPU ops of csrc/cpu, the CUDA ops of csrc/cuda/torch_ops.h and
+// their emulated twins): the argument checks (shapes, dtypes, devices, scalar
+// arguments, with the messages users see) and the shapes of the results. The
+// Python API validates first with friendlier messages; these guard direct
+// torch.ops.fastelbo.* calls. kernels/_checks.py is the Triton twin (same rules,
+// same messages). Each backend allocates with its own allocator (the CPU ops
+// from cpu/output_cache.h); nothing here includes a backend's files.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,10 +16,7 @@
 #include <string>
 #include <string_view>
 
-#include "output_cache.h"
-
 namespace fastelbo {
-namespace cpu {
 
 // "bernoulli" / "gaussian" as either backend's enum (cpu::Likelihood, cuda::LikelihoodKind).
 template <class Kind>
@@ -36,11 +39,6 @@ inline void check_x_in_unit_interval(bool out_of_range) {
 inline void check_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
   TORCH_CHECK(b.device() == a.device(), "fastelbo: ", bn, " must be on ", a.device(), " like ", an, ", got ",
               b.device());
-}
-
-// The CPU kernels read their operands on the host; the other operands are checked against this one.
-inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastelbo: ", name, " must be on cpu for the CPU kernels, got ", t.device());
 }
 
 inline void check_2d(const at::Tensor& a, const char* name) {
@@ -210,7 +208,7 @@ inline int64_t check_iwae_shapes(const at::Tensor& x, const at::Tensor& recon, c
   return K;
 }
 
-// The accumulation dtype of a floating dtype (DESIGN §1): float64 for float64, else float32.
+// The accumulation dtype of a floating dtype (docs/design.md §2): float64 for float64, else float32.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_free_bits(double free_bits) {
@@ -241,38 +239,54 @@ inline void check_log_weights_grad(const at::Tensor& grad_log_weights, int64_t K
   check_device(x, "x", grad_log_weights, "grad_log_weights");
 }
 
-// Result of a gradient the caller did not ask for.
-inline at::Tensor grad_or_empty(bool wanted, const at::Tensor& like) {
-  return wanted ? empty_result(like.sizes(), like.options()) : at::empty({0}, like.options());
+// ---------------------------------------------------------------------------
+// Results. Every op returns fresh contiguous tensors: per-row results [B] in the
+// rows' dtype, gradients in their input's shape, an empty tensor for a gradient
+// nobody asked for. `Alloc` is the backend's allocation of a contiguous tensor,
+// at::Tensor(at::IntArrayRef sizes, const at::TensorOptions&): empty_contiguous
+// below, or the CPU ops' output cache (cpu/output_cache.h empty_result).
+// ---------------------------------------------------------------------------
+inline at::Tensor empty_contiguous(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+}
+
+inline at::Tensor row_result(const at::Tensor& like) { return empty_contiguous({like.size(0)}, like.options()); }
+
+template <class Alloc>
+at::Tensor grad_or_empty(bool wanted, const at::Tensor& like, Alloc alloc) {
+  return wanted ? alloc(like.sizes(), like.options()) : at::empty({0}, like.options());
 }
 
 // The gradient results of the backward ops, in their input order; the prior's only with a prior, the
 // observation log-variance's only for the Gaussian likelihood (then in obs_logvar's own shape).
-inline std::array<at::Tensor, 4> kl_grads(std::array<bool, 4> mask, const at::Tensor& mu, bool has_prior) {
-  return {grad_or_empty(mask[0], mu), grad_or_empty(mask[1], mu), grad_or_empty(mask[2] && has_prior, mu),
-          grad_or_empty(mask[3] && has_prior, mu)};
+// (mu, logvar, prior_mu, prior_logvar)
+template <class Alloc>
+std::array<at::Tensor, 4> kl_grads(std::array<bool, 4> mask, const at::Tensor& mu, bool has_prior, Alloc alloc) {
+  return {grad_or_empty(mask[0], mu, alloc), grad_or_empty(mask[1], mu, alloc),
+          grad_or_empty(mask[2] && has_prior, mu, alloc), grad_or_empty(mask[3] && has_prior, mu, alloc)};
 }
 
 // (x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar)
-inline std::array<at::Tensor, 7> elbo_grads(std::array<bool, 7> mask, const at::Tensor& x, const at::Tensor& recon,
-                                            const at::Tensor& mu, const std::optional<at::Tensor>& obs_logvar,
-                                            bool gaussian, bool has_prior) {
-  return {grad_or_empty(mask[0], x),  grad_or_empty(mask[1], recon),
-          grad_or_empty(mask[2], mu), grad_or_empty(mask[3], mu),
-          grad_or_empty(mask[4] && gaussian, gaussian ? *obs_logvar : x),
-          grad_or_empty(mask[5] && has_prior, mu), grad_or_empty(mask[6] && has_prior, mu)};
+template <class Alloc>
+std::array<at::Tensor, 7> elbo_grads(std::array<bool, 7> mask, const at::Tensor& x, const at::Tensor& recon,
+                                     const at::Tensor& mu, const std::optional<at::Tensor>& obs_logvar, bool gaussian,
+                                     bool has_prior, Alloc alloc) {
+  return {grad_or_empty(mask[0], x, alloc),  grad_or_empty(mask[1], recon, alloc),
+          grad_or_empty(mask[2], mu, alloc), grad_or_empty(mask[3], mu, alloc),
+          grad_or_empty(mask[4] && gaussian, gaussian ? *obs_logvar : x, alloc),
+          grad_or_empty(mask[5] && has_prior, mu, alloc), grad_or_empty(mask[6] && has_prior, mu, alloc)};
 }
 
 // (x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar)
-inline std::array<at::Tensor, 8> iwae_grads(std::array<bool, 8> mask, const at::Tensor& x, const at::Tensor& recon,
-                                            const at::Tensor& z, const at::Tensor& mu,
-                                            const std::optional<at::Tensor>& obs_logvar, bool gaussian,
-                                            bool has_prior) {
-  return {grad_or_empty(mask[0], x),  grad_or_empty(mask[1], recon),
-          grad_or_empty(mask[2], z),  grad_or_empty(mask[3], mu),
-          grad_or_empty(mask[4], mu), grad_or_empty(mask[5] && gaussian, gaussian ? *obs_logvar : x),
-          grad_or_empty(mask[6] && has_prior, mu), grad_or_empty(mask[7] && has_prior, mu)};
+template <class Alloc>
+std::array<at::Tensor, 8> iwae_grads(std::array<bool, 8> mask, const at::Tensor& x, const at::Tensor& recon,
+                                     const at::Tensor& z, const at::Tensor& mu,
+                                     const std::optional<at::Tensor>& obs_logvar, bool gaussian, bool has_prior,
+                                     Alloc alloc) {
+  return {grad_or_empty(mask[0], x, alloc),  grad_or_empty(mask[1], recon, alloc),
+          grad_or_empty(mask[2], z, alloc),  grad_or_empty(mask[3], mu, alloc),
+          grad_or_empty(mask[4], mu, alloc), grad_or_empty(mask[5] && gaussian, gaussian ? *obs_logvar : x, alloc),
+          grad_or_empty(mask[6] && has_prior, mu, alloc), grad_or_empty(mask[7] && has_prior, mu, alloc)};
 }
 
-}  // namespace cpu
 }  // namespace fastelbo
