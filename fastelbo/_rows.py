@@ -74,3 +74,58 @@ def rows_for(like: torch.Tensor, summed: tuple[int, ...]) -> Rows:
     mem = sorted(summed, key=lambda d: (like.shape[d] == 1, -like.stride(d), d))
     kept_shape = tuple(like.shape[d] for d in kept)
     return Rows(kept + tuple(mem), kept_shape, math.prod(kept_shape), math.prod(like.shape[d] for d in summed))
+
+
+class Trailing(NamedTuple):
+    """[*lead, *trailing] tensors (lead: B, or K, B) as [*lead, D]: the trailing dims merged into one, in the
+    memory order of one tensor, the same order for every tensor read with it (so element d of a row is one
+    logical element in all of them). A view where a tensor's strides allow (contiguous, channels_last), a copy
+    otherwise. Contiguous tensors take one reshape each way: the N-d path costs what [B, D] does, plus that."""
+
+    order: tuple[int, ...]  # the trailing dims (numbered from 0) in memory order
+    trailing: tuple[int, ...]  # the trailing shape
+    features: int  # D, their product
+    logical: bool  # memory order is the logical order: no permute
+
+    @staticmethod
+    def of(t: torch.Tensor, lead: int) -> "Trailing":
+        trailing = tuple(t.shape[lead:])
+        if t.is_contiguous():
+            order = tuple(range(len(trailing)))
+        else:
+            mem = sorted(range(lead, t.dim()), key=lambda d: (t.shape[d] == 1, -t.stride(d), d))
+            order = tuple(d - lead for d in mem)
+        return Trailing(order, trailing, math.prod(trailing), order == tuple(range(len(trailing))))
+
+    def __call__(self, t: torch.Tensor, lead: int) -> torch.Tensor:
+        if self.logical:
+            return t.reshape(t.shape[:lead] + (self.features,))
+        perm = tuple(range(lead)) + tuple(lead + d for d in self.order)
+        return t.permute(perm).reshape(t.shape[:lead] + (self.features,))
+
+    def back(self, t: torch.Tensor, lead: int) -> torch.Tensor:
+        """[*lead, D] (a result of rows read with this order) in the [*lead, *trailing] shape."""
+        if self.logical:
+            return t.reshape(t.shape[:lead] + self.trailing)
+        permuted = t.reshape(t.shape[:lead] + tuple(self.trailing[d] for d in self.order))
+        inverse = sorted(range(len(self.order)), key=self.order.__getitem__)
+        return permuted.permute(tuple(range(lead)) + tuple(lead + i for i in inverse))
+
+    def broadcast(self, p, name: str, like: torch.Tensor, like_name: str):
+        """p (a number or a tensor broadcastable to like's [B, *trailing]) as the kernels take a per-feature
+        tensor: numbers and 0-dim tensors as they are, [1, D] when p has no batch dim of its own (a copy of
+        D values when p broadcasts within the trailing dims), else [B, D] (a copy unless p is like's shape).
+        Autograd reduces the gradient back to p's shape."""
+        if not isinstance(p, torch.Tensor) or p.dim() == 0:
+            return p
+        try:
+            ok = torch.broadcast_shapes(p.shape, like.shape) == like.shape
+        except RuntimeError:
+            ok = False
+        if not ok or p.dim() > like.dim():
+            raise ValueError(f"{name} of shape {tuple(p.shape)} must broadcast to {like_name}'s shape "
+                             f"{tuple(like.shape)}")
+        full = p.reshape((1,) * (like.dim() - p.dim()) + tuple(p.shape))
+        if full.shape[0] == 1:
+            return self(full.expand(1, *self.trailing), 1)
+        return self(full.expand(like.shape), 1)
