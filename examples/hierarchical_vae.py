@@ -68,7 +68,7 @@ def main(argv=None):
 
     def elbo(xb):
         logits, kl2, kl1 = model(xb)
-        ll = fastelbo.bernoulli_log_prob(logits.flatten(1), xb.flatten(1))  # [B]
+        ll = fastelbo.bernoulli_log_prob(logits, xb)  # [B]: each image's [1, 8, 8] terms summed
         return ll - kl2 - kl1, kl2, kl1
 
     for epoch in range(1, args.epochs + 1):

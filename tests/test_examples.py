@@ -1,6 +1,7 @@
-"""examples/kl_autoencoder.py and examples/hierarchical_vae.py: they run on a small subset, learn (the
-second epoch beats the first, from a fixed seed) and use fastelbo's posterior; the hierarchical KL
-reaches both of its Gaussians. examples/train_vae.py is tested in test_demo.py."""
+"""examples/kl_autoencoder.py, hierarchical_vae.py and conv_vae.py: they run on a small subset and learn
+(the second epoch beats the first, from a fixed seed); the KL-autoencoder uses fastelbo's posterior, the
+hierarchical KL reaches both of its Gaussians, the convolutional VAE flattens nothing.
+examples/train_vae.py is tested in test_demo.py."""
 
 from __future__ import annotations
 
@@ -72,3 +73,12 @@ def test_hierarchical_kl_reaches_both_sides():
     _, _, kl_bottom = model((torch.rand(5, 1, 8, 8) > 0.5).float())
     g_q, g_p = torch.autograd.grad(kl_bottom.sum(), [model.q1.weight, model.p1.weight])
     assert g_q.abs().sum() > 0 and g_p.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_vae_runs_and_learns(layout):
+    """Image-shaped tensors straight into rsample and ELBOLoss: no flatten in the example."""
+    epochs = _run("conv_vae.py", *(["--channels-last"] if layout == "channels_last" else []))
+    (train1, test1), (train2, test2) = epochs
+    assert -70 < test1 < test2 < 0 and train1 < train2, epochs
+    assert ".flatten(" not in (ROOT / "examples" / "conv_vae.py").read_text()

@@ -296,7 +296,7 @@ def test_shape_errors_name_both_shapes():
     mu = torch.zeros(2, 3, 4, 4)
     with pytest.raises(ValueError, match=r"logvar.*\(2, 3, 4, 4\).*\(2, 3, 4, 5\)"):
         fastelbo.gaussian_kl(mu, torch.zeros(2, 3, 4, 5))
-    with pytest.raises(ValueError, match=r"prior_mu.*\(2, 3, 4, 4\).*\(3, 2, 1\)|prior_mu.*\(3, 2, 1\).*\(2, 3, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"prior_mu of shape \(3, 2, 1\) must broadcast to mu's shape \(2, 3, 4, 4\)"):
         fastelbo.gaussian_kl(mu, mu, prior_mu=torch.zeros(3, 2, 1))
     with pytest.raises(ValueError, match=r"logits.*\(2, 1, 8, 8\).*\(2, 1, 8, 7\)"):
         fastelbo.bernoulli_log_prob(torch.zeros(2, 1, 8, 7), torch.zeros(2, 1, 8, 8))
