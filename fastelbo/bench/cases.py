@@ -25,6 +25,7 @@ zero_grad(set_to_none=True)).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -335,6 +336,32 @@ class Step(Op):
                 "writes": {"z": nz, "loss": 1, "drecon": nx, "dmu": nz, "dlogvar": nz}}
 
 
+def _image(B: int, D: int) -> tuple[int, int, int, int]:
+    """[B, D] as an image-shaped [B, 1, h, w] with h * w = D, h the largest divisor of D up to sqrt(D)."""
+    h = max(d for d in range(1, math.isqrt(D) + 1) if D % d == 0)
+    return (B, 1, h, D // h)
+
+
+class StepND(Step):
+    """The training step on image-shaped tensors: recon and x [B, 1, h, w], mu and logvar [B, 1, h', w']
+    (contiguous, as many elements as step's [B, Dx] and [B, Dz]). Against step, what the N-d path costs:
+    its trailing dims merge into one as a view, so it should cost what step does."""
+
+    name = "step-nd"
+    description = "step on [B, 1, H, W] tensors (the N-d path of rsample and ELBOLoss)"
+
+    def tensor_specs(self, s):
+        x, z = _image(s.B, s.Dx), _image(s.B, s.Dz)
+        return {"recon": (x, "normal"), "x": (x, "unit"), "mu": (z, "normal"), "logvar": (z, "small")}
+
+    def grad_specs(self, s):
+        return (None, _image(s.B, s.Dz))
+
+    def reference(self, t, eps):
+        loss, z = super().reference({k: v.flatten(1) for k, v in t.items()}, eps.flatten(1))
+        return (loss, z.view(t["mu"].shape))
+
+
 class IWAE(Op):
     """The importance-weighted bound over K = 4 samples (Bernoulli, N(0, I) prior)."""
 
@@ -400,7 +427,7 @@ def _loss_module(backend: str):
 
 
 OPS: dict[str, Op] = {op.name: op for op in (RSample(), GaussianKL(), GaussianKLLearned(), Bernoulli(), Gaussian(),
-                                              ELBO(), IWAE(), FreeBits(), Step())}
+                                              ELBO(), IWAE(), FreeBits(), Step(), StepND())}
 
 
 def bytes_model(op: str, shape: Shape, pass_: str, itemsize: int) -> dict:
