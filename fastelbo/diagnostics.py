@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from . import functional as F
+from ._rows import Trailing
 
 __all__ = ["kl_per_dim", "active_units", "ActiveUnits", "posterior_gap", "PosteriorGap", "ACTIVE_THRESHOLD"]
 
@@ -30,7 +31,16 @@ def kl_per_dim(mu, logvar, prior_mu=None, prior_logvar=None, *, backend="auto") 
     The number free bits floors (fastelbo.free_bits_kl); it sums to the batch mean of gaussian_kl.
     mu, logvar [B, Dz]; the prior as in gaussian_kl (numbers, [], [Dz], [1, Dz] or [B, Dz]). Differentiable.
     One fused gaussian_kl over the transposed [Dz, B] views: a row of those is one dimension.
+    Image-shaped latents [B, *] give [*] (each element a dimension), priors broadcastable to mu's shape.
     """
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        if not isinstance(logvar, torch.Tensor) or logvar.shape != mu.shape:
+            raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}; got "
+                             f"{tuple(logvar.shape) if isinstance(logvar, torch.Tensor) else type(logvar).__name__}")
+        f = Trailing.of(mu, 1)
+        per_dim = kl_per_dim(f(mu, 1), f(logvar, 1), f.broadcast(prior_mu, "prior_mu", mu, "mu"),
+                             f.broadcast(prior_logvar, "prior_logvar", mu, "mu"), backend=backend)
+        return f.back(per_dim.unsqueeze(0), 1).squeeze(0)
     _check_pair(mu, logvar)
     pmu, plv = (_transposed_prior(p, name, mu) for p, name in ((prior_mu, "prior_mu"), (prior_logvar, "prior_logvar")))
     return F.gaussian_kl(mu.t(), logvar.t(), pmu, plv, backend=backend) / mu.shape[0]

@@ -46,6 +46,22 @@ def test_kl_per_dim(fused, dtype, shape, prior, layout):
     run(kl_per_dim_case(*shape, prior, generator_for("kl_per_dim", shape, prior, layout), layout), fused, dtype)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_kl_per_dim_image_shaped(fused, layout):
+    """[B, C, h, w] latents: one KL per latent element, [C, h, w], the [B, D] result in place."""
+    gen = generator_for("kl_per_dim nd", layout)
+    mu, logvar = randn((5, 3, 2, 4), gen, dtype=torch.float64), rand((5, 3, 2, 4), gen, dtype=torch.float64)
+    pmu = randn((3, 1, 1), gen, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    got = D.kl_per_dim(mu.contiguous(memory_format=fmt).to(fused.device),
+                       logvar.contiguous(memory_format=fmt).to(fused.device), pmu.to(fused.device),
+                       backend=fused.name)
+    want = D.kl_per_dim(mu.flatten(1), logvar.flatten(1), pmu.expand(mu.shape[1:]).reshape(-1),
+                        backend="reference").reshape(3, 2, 4)
+    assert got.shape == (3, 2, 4)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
 def test_kl_per_dim_sums_to_the_batch_mean_kl():
     gen = generator_for("kl_sum")
     mu, logvar = randn((8, 5), gen), rand((8, 5), gen)
