@@ -279,8 +279,9 @@ def rsample_args(mu, logvar, num_samples, generator, seed, eps) -> tuple:
 
     rows: how [B, *] latents were read as [B, Dz] (None for [B, Dz] ones); rows.back() shapes z like mu.
     """
-    mu_nd = mu
-    mu, logvar, _, _, rows = _latent_rows(mu, logvar, None, None)
+    mu_nd, rows = mu, None
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:  # inline: the [B, D] path pays one test, no call
+        mu, logvar, _, _, rows = _latent_rows(mu, logvar, None, None)
     if rows is not None and isinstance(eps, torch.Tensor):
         if eps.shape == mu_nd.shape:
             eps = rows(eps, 1)
@@ -306,14 +307,16 @@ def rsample_args(mu, logvar, num_samples, generator, seed, eps) -> tuple:
 
 def kl_args(mu, logvar, prior_mu, prior_logvar) -> tuple:
     """(mu, logvar, prior_mu, prior_logvar) of gaussian_kl."""
-    mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
     pair(mu, "mu", logvar, "logvar", "[B, Dz]")
     return (mu, logvar, *prior(prior_mu, prior_logvar, mu))
 
 
 def free_bits_args(mu, logvar, free_bits, prior_mu, prior_logvar) -> tuple:
     """(mu, logvar, prior_mu, prior_logvar, free_bits) of free_bits_kl."""
-    mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
     pair(mu, "mu", logvar, "logvar", "[B, Dz]")
     lam = free_bits_value(free_bits)
     return (mu, logvar, *prior(prior_mu, prior_logvar, mu), lam)
@@ -321,14 +324,16 @@ def free_bits_args(mu, logvar, free_bits, prior_mu, prior_logvar) -> tuple:
 
 def bernoulli_args(logits, x, validate_args) -> tuple:
     """(logits, x, validate_x) of bernoulli_log_prob."""
-    x, logits, _ = _data_rows(x, logits, "logits")
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, logits, _ = _data_rows(x, logits, "logits")
     pair(logits, "logits", x, "x", "[B, Dx]")
     return logits, x, validate_args_enabled(validate_args)
 
 
 def gaussian_args(mean, x, logvar) -> tuple:
     """(mean, x, logvar as [1, Dx] or [B, Dx]) of gaussian_log_prob."""
-    x, mean, logvar = _data_rows(x, mean, "mean", logvar, "logvar")
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, mean, logvar = _data_rows(x, mean, "mean", logvar, "logvar")
     pair(mean, "mean", x, "x", "[B, Dx]")
     return mean, x, per_feature_rows(logvar, "logvar", mean, "mean")
 
@@ -336,8 +341,10 @@ def gaussian_args(mean, x, logvar) -> tuple:
 def elbo_args(x, recon, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, beta, validate_args) -> tuple:
     """(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x) of elbo."""
     choice(likelihood, "likelihood", LIKELIHOODS)
-    x, recon, obs_logvar = _data_rows(x, recon, "recon", obs_logvar)
-    mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, recon, obs_logvar = _data_rows(x, recon, "recon", obs_logvar)
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
     _likelihood_args(x, recon, "[B, Dx] or [K, B, Dx]")
     _posterior_args(mu, logvar, x, recon)
     beta = beta_value(beta)
@@ -349,10 +356,12 @@ def elbo_args(x, recon, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logv
 def iwae_args(x, recon, z, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, validate_args) -> tuple:
     """(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x) of iwae_bound."""
     choice(likelihood, "likelihood", LIKELIHOODS)
-    x, recon, obs_logvar = _data_rows(x, recon, "recon", obs_logvar)
-    mu_nd = mu
-    mu, logvar, prior_mu, prior_logvar, rows = _latent_rows(mu, logvar, prior_mu, prior_logvar)
-    z = _sample_rows(z, "z", mu_nd, rows)
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, recon, obs_logvar = _data_rows(x, recon, "recon", obs_logvar)
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu_nd = mu
+        mu, logvar, prior_mu, prior_logvar, rows = _latent_rows(mu, logvar, prior_mu, prior_logvar)
+        z = _sample_rows(z, "z", mu_nd, rows)
     samples(recon, "recon", "[K, B, Dx]")
     _likelihood_args(x, recon, "[K, B, Dx]")
     _posterior_args(mu, logvar, x, recon)
