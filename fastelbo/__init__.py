@@ -11,7 +11,7 @@ torch.distributions ground truth every backend is tested against.
 from . import _ops  # noqa: F401  (registers the fastelbo:: ops)
 from . import _autocast  # noqa: F401  (their torch.autocast rules: float32, see docs/training.md)
 from . import _vmap  # noqa: F401  (their torch.vmap rules, see docs/training.md)
-from . import reference
+from . import diagnostics, reference
 from ._backend import FallbackWarning
 from ._build import BuildError, load_kernels
 from ._validate import set_default_validate_args
@@ -19,6 +19,7 @@ from .evaluation import estimate_log_likelihood
 from .functional import (ELBOTerms, bernoulli_log_prob, elbo, free_bits_kl, gaussian_kl, gaussian_log_prob,
                          iwae_bound, rsample)
 from .loss import ELBOLoss
+from .posterior import DiagonalGaussian
 
 __version__ = "0.1.0"
 
@@ -33,10 +34,12 @@ __all__ = [
     "estimate_log_likelihood",
     "ELBOTerms",
     "ELBOLoss",
+    "DiagonalGaussian",
     "FallbackWarning",
     "BuildError",
     "load_kernels",
     "set_default_validate_args",
     "reference",
+    "diagnostics",
     "__version__",
 ]

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import diagnostics
 from . import functional as F
 from . import reference
 from .evaluation import estimate_log_likelihood
@@ -225,6 +226,21 @@ def iwae_log_likelihood(model: VAE, x: torch.Tensor, backend: str, seed: int, k:
                                       obs_logvar=model.obs_logvar, seed=seed + i, progress=False, backend=backend)
         total += est.sum().item()
     return total / len(x)
+
+
+@torch.no_grad()
+def diagnose(model: VAE, x: torch.Tensor, backend: str, seed: int, k: int = IWAE_K) -> dict:
+    """fastelbo.diagnostics on x: the batch-mean KL per latent dimension, the active units and the
+    posterior gap IWAE_k - ELBO (one draw of k samples per image, Philox seed `seed`)."""
+    model.eval()
+    likelihood = "bernoulli" if model.obs_logvar is None else "gaussian"
+    mu, logvar = model.encode(x)
+    z = F.rsample(mu, logvar, num_samples=k, seed=seed, backend=backend)
+    gap = diagnostics.posterior_gap(x, model.decoder(z), z, mu, logvar, likelihood=likelihood,
+                                    obs_logvar=model.obs_logvar, backend=backend)
+    return {"kl_per_dim": diagnostics.kl_per_dim(mu, logvar, backend=backend).tolist(),
+            "active_units": diagnostics.active_units(mu).count, "latent": mu.shape[1],
+            "posterior_gap": gap.gap, "posterior_gap_stderr": gap.stderr, "posterior_gap_k": gap.k}
 
 
 # ---------------------------------------------------------------------------

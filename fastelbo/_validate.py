@@ -2,6 +2,13 @@
 was expected. Broadcasting is limited to what the API documents: priors and
 the observation log-variance may be given per feature and are expanded over
 the batch (a stride-0 view, no copy); nothing else is broadcast.
+
+Any trailing shape: [B, *] tensors ([K, B, *] for K samples) are read as the
+[B, D] rows the kernels take (fastelbo._rows.Trailing: the trailing dims
+merged in memory order, a view for contiguous and channels_last tensors, a
+copy otherwise), and priors / observation log-variances broadcastable to
+them as [1, D] or [B, D]. That happens here, first, so that every check
+below and every kernel sees [B, D].
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import numbers
 import torch
 
 from ._dtypes import AUTOCAST_DTYPES
+from ._rows import Trailing
 
 _VALIDATE_ARGS = True
 
@@ -211,12 +219,74 @@ def beta_value(beta) -> float:
 
 
 # ---------------------------------------------------------------------------
+# [B, *] inputs as [B, D]: shapes checked against each other first (errors name both N-d shapes), then
+# merged. [B, D] inputs pass through untouched (no Trailing, no view: their path costs what it did).
+# ---------------------------------------------------------------------------
+def _is_nd(t, leading: int = 1) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > leading + 1
+
+
+def _same_shape(a, a_name: str, b, b_name: str) -> None:
+    if isinstance(b, torch.Tensor) and b.shape != a.shape:
+        raise ValueError(f"{b_name} must have the shape of {a_name} {tuple(a.shape)}; got {tuple(b.shape)}")
+
+
+def _latent_rows(mu, logvar, prior_mu, prior_logvar):
+    """(mu, logvar, prior_mu, prior_logvar, rows): [B, *] latents as [B, D]; rows None for [B, D] ones."""
+    if not _is_nd(mu):
+        return mu, logvar, prior_mu, prior_logvar, None
+    _same_shape(mu, "mu", logvar, "logvar")
+    f = Trailing.of(mu, 1)
+    return (f(mu, 1), f(logvar, 1) if isinstance(logvar, torch.Tensor) else logvar,
+            f.broadcast(prior_mu, "prior_mu", mu, "mu"), f.broadcast(prior_logvar, "prior_logvar", mu, "mu"), f)
+
+
+def _data_rows(x, recon, recon_name: str, obs_logvar=None, obs_name: str = "obs_logvar"):
+    """(x, recon, obs_logvar): [B, *] data and [B, *] or [K, B, *] decoder outputs as [B, D] / [K, B, D],
+    read in recon's memory order; [B, D] ones as they are."""
+    if not _is_nd(x):
+        return x, recon, obs_logvar
+    if isinstance(recon, torch.Tensor) and recon.dim() == x.dim() + 1:
+        if recon.shape[1:] != x.shape:
+            raise ValueError(f"{recon_name} must have shape [K, *x.shape] with x's shape {tuple(x.shape)}; "
+                             f"got {tuple(recon.shape)}")
+        f = Trailing.of(recon, 2)
+        recon = f(recon, 2)
+    else:
+        _same_shape(x, "x", recon, recon_name)
+        f = Trailing.of(recon if isinstance(recon, torch.Tensor) else x, 1)
+        recon = f(recon, 1) if isinstance(recon, torch.Tensor) else recon
+    return f(x, 1), recon, f.broadcast(obs_logvar, obs_name, x, "x")
+
+
+def _sample_rows(z, name: str, mu, rows):
+    """z [K, B, *] of N-d latents mu [B, *] as [K, B, D], in mu's rows."""
+    if rows is None or not isinstance(z, torch.Tensor):
+        return z
+    if z.dim() != mu.dim() + 1 or z.shape[1:] != mu.shape:
+        raise ValueError(f"{name} must have shape [K, *mu.shape] with mu's shape {tuple(mu.shape)}; "
+                         f"got {tuple(z.shape)}")
+    return rows(z, 2)
+
+
+# ---------------------------------------------------------------------------
 # The arguments of each public function (fastelbo.functional), checked in one call and returned as
 # the op takes them (priors and observation log-variances expanded, validate_args resolved): a call
 # goes down, functional -> here -> the backend's op, and back up with the result.
 # ---------------------------------------------------------------------------
-def rsample_args(mu, logvar, num_samples, generator, seed, eps) -> int | None:
-    """The number of samples K (None: one [B, Dz] sample; given eps [K, B, Dz] sets it)."""
+def rsample_args(mu, logvar, num_samples, generator, seed, eps) -> tuple:
+    """(mu, logvar, eps as [B, Dz] / [K, B, Dz], K (None: one sample; given eps [K, B, *] sets it), rows).
+
+    rows: how [B, *] latents were read as [B, Dz] (None for [B, Dz] ones); rows.back() shapes z like mu.
+    """
+    mu_nd, rows = mu, None
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:  # inline: the [B, D] path pays one test, no call
+        mu, logvar, _, _, rows = _latent_rows(mu, logvar, None, None)
+    if rows is not None and isinstance(eps, torch.Tensor):
+        if eps.shape == mu_nd.shape:
+            eps = rows(eps, 1)
+        else:
+            eps = _sample_rows(eps, "eps", mu_nd, rows)
     pair(mu, "mu", logvar, "logvar", "[B, Dz]")
     k = num_samples_value(num_samples, mu)
     if eps is not None:
@@ -232,17 +302,21 @@ def rsample_args(mu, logvar, num_samples, generator, seed, eps) -> int | None:
             if tuple(eps.shape) != (k, *mu.shape):
                 raise ValueError(f"eps must have shape [num_samples, B, Dz] = {[k, *mu.shape]}; "
                                  f"got {list(eps.shape)}")
-    return k
+    return mu, logvar, eps, k, rows
 
 
 def kl_args(mu, logvar, prior_mu, prior_logvar) -> tuple:
     """(mu, logvar, prior_mu, prior_logvar) of gaussian_kl."""
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
     pair(mu, "mu", logvar, "logvar", "[B, Dz]")
     return (mu, logvar, *prior(prior_mu, prior_logvar, mu))
 
 
 def free_bits_args(mu, logvar, free_bits, prior_mu, prior_logvar) -> tuple:
     """(mu, logvar, prior_mu, prior_logvar, free_bits) of free_bits_kl."""
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
     pair(mu, "mu", logvar, "logvar", "[B, Dz]")
     lam = free_bits_value(free_bits)
     return (mu, logvar, *prior(prior_mu, prior_logvar, mu), lam)
@@ -250,12 +324,16 @@ def free_bits_args(mu, logvar, free_bits, prior_mu, prior_logvar) -> tuple:
 
 def bernoulli_args(logits, x, validate_args) -> tuple:
     """(logits, x, validate_x) of bernoulli_log_prob."""
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, logits, _ = _data_rows(x, logits, "logits")
     pair(logits, "logits", x, "x", "[B, Dx]")
     return logits, x, validate_args_enabled(validate_args)
 
 
 def gaussian_args(mean, x, logvar) -> tuple:
     """(mean, x, logvar as [1, Dx] or [B, Dx]) of gaussian_log_prob."""
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, mean, logvar = _data_rows(x, mean, "mean", logvar, "logvar")
     pair(mean, "mean", x, "x", "[B, Dx]")
     return mean, x, per_feature_rows(logvar, "logvar", mean, "mean")
 
@@ -263,6 +341,10 @@ def gaussian_args(mean, x, logvar) -> tuple:
 def elbo_args(x, recon, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, beta, validate_args) -> tuple:
     """(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x) of elbo."""
     choice(likelihood, "likelihood", LIKELIHOODS)
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, recon, obs_logvar = _data_rows(x, recon, "recon", obs_logvar)
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu, logvar, prior_mu, prior_logvar, _ = _latent_rows(mu, logvar, prior_mu, prior_logvar)
     _likelihood_args(x, recon, "[B, Dx] or [K, B, Dx]")
     _posterior_args(mu, logvar, x, recon)
     beta = beta_value(beta)
@@ -274,6 +356,12 @@ def elbo_args(x, recon, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logv
 def iwae_args(x, recon, z, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, validate_args) -> tuple:
     """(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x) of iwae_bound."""
     choice(likelihood, "likelihood", LIKELIHOODS)
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x, recon, obs_logvar = _data_rows(x, recon, "recon", obs_logvar)
+    if isinstance(mu, torch.Tensor) and mu.dim() > 2:
+        mu_nd = mu
+        mu, logvar, prior_mu, prior_logvar, rows = _latent_rows(mu, logvar, prior_mu, prior_logvar)
+        z = _sample_rows(z, "z", mu_nd, rows)
     samples(recon, "recon", "[K, B, Dx]")
     _likelihood_args(x, recon, "[K, B, Dx]")
     _posterior_args(mu, logvar, x, recon)

@@ -5,6 +5,14 @@ the numbers of fastelbo.reference.
 Shapes: mu, logvar [B, Dz]; x, recon [B, Dx]; K samples lead: z [K, B, Dz],
 recon [K, B, Dx]. Results are per row, [B], in the inputs' dtype (accumulated
 in float32, float64 for float64 inputs).
+
+Any trailing shape: every [B, Dz] / [B, Dx] above may be [B, *] (e.g. images
+[B, C, H, W] and latents [B, C, h, w]), K samples [K, B, *]; each row sums
+over all of *. Priors and observation log-variances then broadcast to mu's
+(x's) shape, e.g. [C, 1, 1] per channel. Contiguous and channels_last tensors
+are read without a copy, other layouts (a slice, an expanded tensor) through
+a copy; rsample returns z in mu's shape and layout, its noise indexed in
+mu's memory order. See fastelbo._validate and fastelbo._rows.Trailing.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
     the CPU allocator's RuntimeError), re-raised as the same type naming num_samples and z's bytes:
     what fits depends on the machine and on what else holds memory, so there is no fixed bound.
     """
-    k = v.rsample_args(mu, logvar, num_samples, generator, seed, eps)
+    mu, logvar, eps, k, rows = v.rsample_args(mu, logvar, num_samples, generator, seed, eps)
     if generator is not None and _recomputing():
         raise RuntimeError(_RECOMPUTE_WITH_GENERATOR)
     ops = impl(backend, mu.device)
@@ -44,9 +52,9 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
     s = torch.zeros((), dtype=torch.int64, device=mu.device) if eps is not None else seed_tensor(
         mu.device, generator, seed)
     if k is None:
-        return ops.rsample(mu, logvar, s, eps, 0)
+        return _shaped(ops.rsample(mu, logvar, s, eps, 0), rows)
     try:
-        return ops.rsample(mu, logvar, s, eps, k)
+        return _shaped(ops.rsample(mu, logvar, s, eps, k), rows)
     except RuntimeError as e:
         if not _allocation_failed(e):
             raise
@@ -54,6 +62,11 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
         raise type(e)(f"rsample: num_samples={k} asks for z of shape {shape}, {math.prod(shape) * mu.element_size()} "
                       f"bytes of {mu.dtype}, which could not be allocated (use fewer samples, or draw them in "
                       f"chunks)") from e
+
+
+def _shaped(z: torch.Tensor, rows) -> torch.Tensor:
+    """z [B, Dz] / [K, B, Dz] in the [B, *] / [K, B, *] shape (and layout) of an N-d mu; rows None: as is."""
+    return z if rows is None else rows.back(z, z.dim() - 1)
 
 
 def _allocation_failed(e: RuntimeError) -> bool:

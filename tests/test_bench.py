@@ -100,7 +100,7 @@ def test_inputs_follow_the_pass():
 
 
 @needs_cpu_backend
-@pytest.mark.parametrize("op", ["kl", "bernoulli", "gaussian", "elbo"])
+@pytest.mark.parametrize("op", ["kl", "kl-learned", "bernoulli", "gaussian", "elbo"])
 def test_fastelbo_and_eager_compute_the_same_thing(op):
     """The benchmark compares like with like (ops without noise: equal outputs and gradients)."""
     for p in C.OPS[op].passes:
@@ -110,6 +110,25 @@ def test_fastelbo_and_eager_compute_the_same_thing(op):
         got = C.build(case, "fastelbo-cpu", t)[1]()
         for a, b in zip(ref, got):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu_backend
+def test_step_nd_is_step_on_image_shaped_tensors():
+    """step-nd times the same work as step: its inputs are step's values as [B, 1, h, w] (same element
+    counts), and from one seed the loss and every gradient are step's, reshaped."""
+    flat, nd = C.Case("step", "fwd+bwd", C.TINY, "float32"), C.Case("step-nd", "fwd+bwd", C.TINY, "float32")
+    t_flat, t_nd = C.make_inputs(flat), C.make_inputs(nd)
+    assert t_nd["recon"].shape == (32, 1, 8, 8) and t_nd["mu"].shape == (32, 1, 2, 4)
+    for name, v in t_flat.items():
+        assert torch.equal(t_nd[name].reshape(v.shape), v), name
+    outs = []
+    for case, t in ((flat, t_flat), (nd, t_nd)):
+        torch.manual_seed(3)
+        outs.append(C.build(case, "fastelbo-cpu", t)[1]())
+    for a, b in zip(*outs):
+        assert torch.equal(b.reshape(a.shape), a)
+    assert C.Case("step-nd", "fwd+bwd", C.TARGET, "float32").min_bytes() == C.Case(
+        "step", "fwd+bwd", C.TARGET, "float32").min_bytes()
 
 
 # ---------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def test_demo_one_epoch(tmp_path, capsys, likelihood):
     assert rc == 0, stdout
     assert torch.get_num_threads() == threads  # the demo's --threads is undone on return
     assert "IWAE K=64" in stdout and "max |fastelbo - reference|" in stdout
+    assert "latent dimensions active" in stdout and "posterior gap IWAE_64 - ELBO" in stdout
 
     width, height = _png_size(out / "demo.png")
     assert width >= 800 and height >= 500, (width, height)
@@ -84,6 +85,9 @@ def test_demo_one_epoch(tmp_path, capsys, likelihood):
             assert _agree(a, b), (key, a, b)
         assert result["max_abs_diff"][key] == max(abs(a - b) for a, b in zip(fused[key], ref[key]))
     assert _agree(fused["test_iwae_log_likelihood"], ref["test_iwae_log_likelihood"])
+    diag = result["diagnostics"]
+    assert len(diag["kl_per_dim"]) == diag["latent"] == 8 and 0 <= diag["active_units"] <= 8
+    assert diag["posterior_gap_k"] == 64 and math.isfinite(diag["posterior_gap"]) and diag["posterior_gap_stderr"] > 0
     # the IWAE bound with 64 samples is at least the one-sample ELBO, up to the noise of 33 test images
     assert fused["test_iwae_log_likelihood"] > fused["final_test_elbo"] - 1.0
 

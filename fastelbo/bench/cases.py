@@ -25,6 +25,7 @@ zero_grad(set_to_none=True)).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,38 @@ class GaussianKL(Op):
                 "writes": {"kl": s.B, "dmu": n, "dlogvar": n}}
 
 
+class GaussianKLLearned(Op):
+    """One layer of a hierarchical VAE (Ladder VAE, NVAE, VDVAE): the KL between the posterior and a prior
+    that are both learned, gradients to both sides."""
+
+    name = "kl-learned"
+    wrt = ("mu", "logvar", "prior_mu", "prior_logvar")
+    description = "KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per row, both [B, Dz] and learned"
+
+    def tensor_specs(self, s):
+        return {"mu": ((s.B, s.Dz), "normal"), "logvar": ((s.B, s.Dz), "small"),
+                "prior_mu": ((s.B, s.Dz), "normal"), "prior_logvar": ((s.B, s.Dz), "small")}
+
+    def grad_specs(self, s):
+        return ((s.B,),)
+
+    def reference(self, t, eps):
+        return (R.gaussian_kl(t["mu"], t["logvar"], t["prior_mu"], t["prior_logvar"]),)
+
+    def fastelbo(self, t, backend):
+        import fastelbo
+
+        return (fastelbo.gaussian_kl(t["mu"], t["logvar"], t["prior_mu"], t["prior_logvar"], backend=backend),)
+
+    def model(self, s, pass_):
+        n = s.B * s.Dz
+        reads = {"mu": n, "logvar": n, "prior_mu": n, "prior_logvar": n}
+        if pass_ == "fwd":
+            return {"reads": reads, "writes": {"kl": s.B}}
+        return {"reads": {**reads, "grad_kl": s.B},
+                "writes": {"kl": s.B, "dmu": n, "dlogvar": n, "dprior_mu": n, "dprior_logvar": n}}
+
+
 class Bernoulli(Op):
     name = "bernoulli"
     wrt = ("logits",)
@@ -303,6 +336,32 @@ class Step(Op):
                 "writes": {"z": nz, "loss": 1, "drecon": nx, "dmu": nz, "dlogvar": nz}}
 
 
+def _image(B: int, D: int) -> tuple[int, int, int, int]:
+    """[B, D] as an image-shaped [B, 1, h, w] with h * w = D, h the largest divisor of D up to sqrt(D)."""
+    h = max(d for d in range(1, math.isqrt(D) + 1) if D % d == 0)
+    return (B, 1, h, D // h)
+
+
+class StepND(Step):
+    """The training step on image-shaped tensors: recon and x [B, 1, h, w], mu and logvar [B, 1, h', w']
+    (contiguous, as many elements as step's [B, Dx] and [B, Dz]). Against step, what the N-d path costs:
+    its trailing dims merge into one as a view, so it should cost what step does."""
+
+    name = "step-nd"
+    description = "step on [B, 1, H, W] tensors (the N-d path of rsample and ELBOLoss)"
+
+    def tensor_specs(self, s):
+        x, z = _image(s.B, s.Dx), _image(s.B, s.Dz)
+        return {"recon": (x, "normal"), "x": (x, "unit"), "mu": (z, "normal"), "logvar": (z, "small")}
+
+    def grad_specs(self, s):
+        return (None, _image(s.B, s.Dz))
+
+    def reference(self, t, eps):
+        loss, z = super().reference({k: v.flatten(1) for k, v in t.items()}, eps.flatten(1))
+        return (loss, z.view(t["mu"].shape))
+
+
 class IWAE(Op):
     """The importance-weighted bound over K = 4 samples (Bernoulli, N(0, I) prior)."""
 
@@ -367,8 +426,8 @@ def _loss_module(backend: str):
     return fastelbo.ELBOLoss(likelihood="bernoulli", backend=backend)
 
 
-OPS: dict[str, Op] = {op.name: op for op in (RSample(), GaussianKL(), Bernoulli(), Gaussian(), ELBO(), IWAE(),
-                                              FreeBits(), Step())}
+OPS: dict[str, Op] = {op.name: op for op in (RSample(), GaussianKL(), GaussianKLLearned(), Bernoulli(), Gaussian(),
+                                              ELBO(), IWAE(), FreeBits(), Step(), StepND())}
 
 
 def bytes_model(op: str, shape: Shape, pass_: str, itemsize: int) -> dict:

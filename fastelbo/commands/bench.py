@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
     what = parser.add_argument_group("what to run (default: the quick subset)")
     what.add_argument("--full", action="store_true", default=None,
                       help="the full sweep: every shape, float32 and bfloat16 (also FASTELBO_BENCH_FULL=1)")
-    what.add_argument("--ops", help="comma-separated op families: rsample,kl,bernoulli,gaussian,elbo,step")
+    what.add_argument("--ops", help="comma-separated op families: rsample,kl,kl-learned,bernoulli,gaussian,elbo,step")
     what.add_argument("--passes", help="comma-separated passes: fwd,fwd+bwd")
     what.add_argument("--shapes", help="comma-separated BxDxxDz shapes, e.g. 4096x784x64,32x64x8")
     what.add_argument("--dtypes", help="comma-separated dtypes, e.g. float32,bfloat16")

@@ -7,8 +7,9 @@ alongside, as the honest speed baseline.
 
 Prints a progress bar (on a terminal), per-epoch train/test ELBO and time of
 the runs, the final test ELBO and IWAE log-likelihood (K=64), and the largest
-difference between the fastelbo and reference curves; writes demo.png and
-demo.json to --out.
+difference between the fastelbo and reference curves, the fastelbo run's
+diagnostics (fastelbo.diagnostics: KL per latent dimension, active units, the
+posterior gap IWAE - ELBO); writes demo.png and demo.json to --out.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import warnings
 
 import torch
 
-from .. import __version__, _demo
+from .. import __version__, _demo, diagnostics
 from .._backend import FallbackWarning, available, resolve
 from .._config import BACKENDS
 from .._validate import LIKELIHOODS
@@ -219,6 +220,13 @@ def _run(args) -> int:
     if max(diff_train, diff_test) > 100 * max(first, 1e-6):
         print(f"note: the runs agree to {first:.1e} after epoch 1 (float32 rounding); the gap grows as training "
               "amplifies last-bit differences, as it would a 1-ulp change to one weight of the reference")
+    diag = _demo.diagnose(fused.model, x_test, fused.backend, seed=eval_seed + 2)
+    print(f"diagnostics of the fastelbo run on the test set: {diag['active_units']} of {diag['latent']} latent "
+          f"dimensions active (Burda et al. 2016: Var_x(mu_j) > {diagnostics.ACTIVE_THRESHOLD}); KL per dimension "
+          "(batch mean, nats): " + " ".join(f"{v:.2f}" for v in diag["kl_per_dim"]))
+    print(f"posterior gap IWAE_{diag['posterior_gap_k']} - ELBO = {diag['posterior_gap']:.3f} "
+          f"+- {diag['posterior_gap_stderr']:.3f} nats (standard error): an estimate from below of "
+          "KL(q(z|x) || p(z|x)), as log p(x) = ELBO + that KL")
     print(f"time per epoch (whole training step), fastelbo vs plain PyTorch: {_speed(speedup['pytorch'])}; "
           f"vs the reference: {_speed(speedup['reference'])} (the reference draws fastelbo's Philox noise with "
           "plain torch ops, slower than torch.randn)")
@@ -256,6 +264,7 @@ def _run(args) -> int:
             "test_iwae_log_likelihood": abs(iwae["fastelbo"] - iwae["reference"]),
         },
         "first_epoch_abs_diff": first,
+        "diagnostics": diag,  # of the fastelbo run on the test set
         "speedup_over": {"reference": speedup["reference"], "pytorch": speedup["pytorch"]},
         "total_seconds": time.perf_counter() - start,
         "png": png,
