@@ -108,7 +108,8 @@ def test_cuda_device_checks_the_flag_with_the_assert_kernel():
     ops = _code(ROOT / "csrc" / "cuda" / "torch_ops.h")
     assert ops.count("Device::check_x_flag(flag)") == 3  # bernoulli_log_prob, elbo, iwae_bound
     kernel = _code(ROOT / "csrc" / "cuda" / "loglik.cu")
-    assert re.search(r"if \(\*x_out_of_range != 0\) __assert_fail\(FASTELBO_X_RANGE_MESSAGE", kernel)
+    assert re.search(r"if \(\*x_out_of_range != 0\) assert_fail\(FASTELBO_X_RANGE_MESSAGE", kernel)
+    assert "__assert_fail(msg" in _code(ROOT / "csrc" / "cuda" / "device.h")
 
 
 def test_device_assert_message_is_the_cpu_message():

@@ -37,19 +37,14 @@ void bernoulli_log_prob_backward(DType dtype, int64_t rows, int64_t cols, VecArg
   });
 }
 
-#if defined(__CUDACC__)
-// One thread: a device-side assert (__assert_fail, as CUDA's assert() and torch's
-// CUDA_KERNEL_ASSERT call it, so it does not depend on NDEBUG) when the flag is set.
+// One thread: a device-side assert when the flag is set (device.h assert_fail).
 FASTELBO_GLOBAL void x_range_assert_kernel(const int* x_out_of_range) {
-#if defined(__CUDA_ARCH__)
-  if (*x_out_of_range != 0) __assert_fail(FASTELBO_X_RANGE_MESSAGE, __FILE__, __LINE__, __func__);
-#endif
+  if (*x_out_of_range != 0) assert_fail(FASTELBO_X_RANGE_MESSAGE, __FILE__, __LINE__, "x_range_assert_kernel");
 }
 
 void assert_x_in_unit_interval(const int* x_out_of_range, cudaStream_t stream) {
   FASTELBO_LAUNCH(x_range_assert_kernel, 1, 1, 0, stream, x_out_of_range);
 }
-#endif
 
 void gaussian_log_prob_forward(DType dtype, int64_t rows, int64_t cols, MatArg mean, MatArg x, MatArg logvar,
                                void* out_, void* workspace, int num_sms, cudaStream_t stream) {
