@@ -194,11 +194,27 @@ def choice(value, name: str, options: tuple[str, ...]) -> str:
 
 def unit_interval(x: torch.Tensor, name: str = "x") -> None:
     """Bernoulli targets must lie in [0, 1] (NaN passes and propagates)."""
-    bad = ((x < 0) | (x > 1)).any()
     msg = (f"{name} must lie in [0, 1] for the Bernoulli likelihood (pass validate_args=False to skip this check)")
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad, msg)
-    elif bool(_every_slice(bad)):
+    raise_if_flagged((x < 0) | (x > 1), msg)
+
+
+def raise_if_flagged(bad: torch.Tensor, msg: str) -> None:
+    """The value checks' one way to fail, given flags set where a value is out of range.
+
+    CPU tensors: a ValueError now (reading the flag costs nothing). Tensors on an accelerator, and
+    any call being traced (torch.compile, fake tensors): torch._assert_async, a device-side assert
+    with no host read, so a CUDA training step stays sync-free and capturable in a CUDA graph; the
+    error surfaces at the next synchronizing call as "device-side assert triggered" and leaves the
+    CUDA context unusable, as any device assert does."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or is_fake(bad):
+        torch._assert_async(~bad.any(), msg)
+        return
+    flag = _every_slice(bad)
+    if flag.device.type != "cpu":
+        torch._assert_async(~flag, msg)
+    elif bool(flag):
         raise ValueError(msg)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastelbo._dtypes import FLOAT_DTYPES, acc_dtype
+from fastelbo._validate import raise_if_flagged
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -71,15 +72,10 @@ X_RANGE_MESSAGE = ("fastelbo: x must lie in [0, 1] for the Bernoulli likelihood 
 
 
 def check_unit_interval(bad_rows: torch.Tensor) -> None:
-    """Raises ValueError (as the C++ kernels do) when a forward kernel flagged a row with x outside
-    [0, 1]: one device sync in eager mode; while tracing (torch.compile) an async assert in the graph."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    bad = bad_rows.any()
-    if is_fake(bad_rows):
-        torch._assert_async(~bad, X_RANGE_MESSAGE)
-    elif bool(bad):
-        raise ValueError(X_RANGE_MESSAGE)
+    """Fails when a forward kernel flagged a row with x outside [0, 1]: a ValueError on CPU tensors
+    (as the C++ kernels raise), a device-side assert without a host read on a GPU and while tracing
+    (fastelbo/_validate.py raise_if_flagged)."""
+    raise_if_flagged(bad_rows.bool(), X_RANGE_MESSAGE)
 
 
 # ---------------------------------------------------------------------------

@@ -165,9 +165,10 @@ KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu")) + sorted(p for p in CUDA_DIR.glob
 # The keywords and intrinsics of the subset (csrc/cuda/SUBSET.md), all defined by csrc/emu/cuda_emu.h.
 SUBSET_KEYWORDS = ("__global__", "__device__", "__host__", "__forceinline__", "__shared__", "__launch_bounds__",
                    "__align__", "__restrict__", "__syncthreads", "__shfl_xor_sync", "__shfl_down_sync")
-# Used by device.h only inside #if defined(__CUDA_ARCH__) (the emulation takes the host branch).
+# Used by device.h only inside #if defined(__CUDA_ARCH__) (the emulation takes the host branch): the
+# float16/bfloat16 conversions and the device-side assert.
 DEVICE_ONLY_INTRINSICS = ("__half2float", "__ushort_as_half", "__half_as_ushort", "__float2half_rn",
-                          "__bfloat162float", "__ushort_as_bfloat16", "__bfloat16_as_ushort", "__float2bfloat16_rn")
+                          "__bfloat162float", "__ushort_as_bfloat16", "__bfloat16_as_ushort", "__float2bfloat16_rn", "__assert_fail")
 
 
 def _code(path: Path) -> str:

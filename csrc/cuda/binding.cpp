@@ -60,6 +60,13 @@ struct CudaDevice {
   }
 
   static void launched() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+
+  // x outside [0, 1] (validate_x): a device-side assert after the forward, never a host read.
+  static void check_x_flag(const at::Tensor& flag) {
+    if (!flag.defined()) return;
+    assert_x_in_unit_interval(flag.const_data_ptr<int>(), stream());
+    launched();
+  }
 };
 
 }  // namespace

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "../fastelbo_math.h"
@@ -44,6 +45,19 @@
 
 namespace fastelbo {
 namespace cuda {
+
+// A device-side assert that does not depend on NDEBUG (__assert_fail, what assert()
+// and torch's CUDA_KERNEL_ASSERT call): the message goes to stderr and the next
+// synchronizing call fails with "device-side assert triggered". In the emulation
+// the kernel's thread throws, which fails the launch with the message.
+FASTELBO_DEVICE void assert_fail(const char* msg, const char* file, unsigned line, const char* function) {
+#if defined(__CUDA_ARCH__)
+  __assert_fail(msg, file, line, function);
+#else
+  (void)file, (void)line, (void)function;
+  throw std::runtime_error(msg);
+#endif
+}
 
 // ---------------------------------------------------------------------------
 // Storage types. float16/bfloat16 are moved as their 16 bits and converted

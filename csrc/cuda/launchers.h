@@ -83,6 +83,20 @@ void bernoulli_log_prob_forward(DType dtype, int64_t rows, int64_t cols, MatArg 
 void bernoulli_log_prob_backward(DType dtype, int64_t rows, int64_t cols, VecArg grad, MatArg logits, MatArg x,
                                  void* dlogits, void* dx, int num_sms, cudaStream_t stream);
 
+// validate_x without a host read (CUDA only; the emulation reads its host flag):
+// queues one thread after the forward on `stream` that fails a device-side
+// assert naming FASTELBO_X_RANGE_MESSAGE when *x_out_of_range is set. The error surfaces
+// at the next synchronizing call ("device-side assert triggered", the message
+// on stderr) and leaves the CUDA context unusable, as any device assert does;
+// the launch is capturable in a CUDA graph.
+void assert_x_in_unit_interval(const int* x_out_of_range, cudaStream_t stream);
+
+// The text of that error, the same as csrc/checks.h check_x_in_unit_interval
+// (tests/test_x_range_async.py compares them).
+// A macro: a string literal that device code can use.
+#define FASTELBO_X_RANGE_MESSAGE \
+  "fastelbo: x must lie in [0, 1] for the Bernoulli likelihood (pass validate_args=False to skip this check)"
+
 void gaussian_log_prob_forward(DType dtype, int64_t rows, int64_t cols, MatArg mean, MatArg x, MatArg logvar,
                                void* out, void* workspace, int num_sms, cudaStream_t stream);
 

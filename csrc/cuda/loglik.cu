@@ -37,6 +37,15 @@ void bernoulli_log_prob_backward(DType dtype, int64_t rows, int64_t cols, VecArg
   });
 }
 
+// One thread: a device-side assert when the flag is set (device.h assert_fail).
+FASTELBO_GLOBAL void x_range_assert_kernel(const int* x_out_of_range) {
+  if (*x_out_of_range != 0) assert_fail(FASTELBO_X_RANGE_MESSAGE, __FILE__, __LINE__, "x_range_assert_kernel");
+}
+
+void assert_x_in_unit_interval(const int* x_out_of_range, cudaStream_t stream) {
+  FASTELBO_LAUNCH(x_range_assert_kernel, 1, 1, 0, stream, x_out_of_range);
+}
+
 void gaussian_log_prob_forward(DType dtype, int64_t rows, int64_t cols, MatArg mean, MatArg x, MatArg logvar,
                                void* out_, void* workspace, int num_sms, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto tag) {

@@ -95,16 +95,14 @@ inline at::Tensor column_workspace(bool needed, const at::Tensor& like, int64_t 
 inline bool shared_rows(const Opt& s, int64_t rows) { return s.has_value() && s->size(0) == 1 && rows != 1; }
 
 // validate_x: a device flag the Bernoulli forward sets for x outside [0, 1],
-// read back (a sync, as torch.distributions' own validation) after the launch.
+// then checked by Device::check_x_flag: on CUDA a device-side assert queued
+// after the kernel (no host read: no sync, capturable in a CUDA graph), in the
+// emulation a read of the host flag (a ValueError at once).
 inline at::Tensor x_range_flag(bool validate_x, const at::Tensor& like) {
   return validate_x ? at::zeros({1}, like.options().dtype(at::kInt)) : at::Tensor();
 }
 
 inline int* flag_ptr(const at::Tensor& flag) { return flag.defined() ? flag.data_ptr<int>() : nullptr; }
-
-inline void check_x_flag(const at::Tensor& flag) {
-  if (flag.defined()) check_x_in_unit_interval(flag.item<int>() != 0);
-}
 
 
 // The likelihood and latent arguments of the fused ops as the launchers take them.
@@ -309,7 +307,7 @@ struct Ops {
       cuda::bernoulli_log_prob_forward(dtype_of(logits.scalar_type()), rows, cols, mat(logits), mat(x), out,
                                        flag_ptr(flag), ws, sms, Device::stream());
     });
-    check_x_flag(flag);
+    Device::check_x_flag(flag);
     return ll;
   }
 
@@ -401,7 +399,7 @@ struct Ops {
     a.x_out_of_range = flag_ptr(flag);
     cuda::elbo_forward(dtype_of(recon.scalar_type()), a, ptr(e), ptr(ll), ptr(kl), ptr(ws), sms, Device::stream());
     Device::launched();
-    check_x_flag(flag);
+    Device::check_x_flag(flag);
     return {e, ll, kl};
   }
 
@@ -458,7 +456,7 @@ struct Ops {
     cuda::iwae_forward(dtype_of(recon.scalar_type()), a, mat(z), ptr(bound), ptr(lw), ptr(ws), sms,
                        Device::stream());
     Device::launched();
-    check_x_flag(flag);
+    Device::check_x_flag(flag);
     return {bound, lw};
   }
 

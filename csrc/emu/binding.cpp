@@ -52,6 +52,13 @@ struct EmuDevice {
   }
 
   static void launched() {}
+
+  // x outside [0, 1] (validate_x): the flag is host memory and the launch has
+  // completed, so it is read at once (a ValueError, as the CPU kernels raise);
+  // csrc/cuda/binding.cpp queues a device-side assert instead.
+  static void check_x_flag(const at::Tensor& flag) {
+    if (flag.defined()) check_x_in_unit_interval(flag.const_data_ptr<int>()[0] != 0);
+  }
 };
 
 }  // namespace
