@@ -5,8 +5,8 @@ gradients of that number with respect to the inputs of its output_mask, computed
 backward hands them back:
 
 - upstream gradient exactly 1 (``loss.backward()``, ``torch.autograd.grad(loss, ...)``) and the graph not
-  retained: the stored tensors themselves, and the node lets go of them (nothing can read them again, so
-  autograd may keep one as a leaf's .grad and accumulate into it later: it owns it);
+  retained: the stored tensors themselves; autograd frees the node's saved tensors right after, so nothing
+  can read them again (autograd may keep one as a leaf's .grad and accumulate into it later: it owns it);
 - otherwise (another scale, ``retain_graph=True``, traced by torch.compile / torch.export): a fresh
   ``stored * upstream``, so the stored gradients are never modified and a second backward reads them as
   the forward wrote them;
@@ -43,7 +43,7 @@ def composite(ops):
         if any(output_mask):
             b = rows.shape[0]
             # d loss / d elbo[b], the upstream gradient mean's / sum's backward would give the two-pass op.
-            g = torch.full((b,), -1.0 / b if mean else -1.0, dtype=rows.dtype, device=rows.device)
+            g = torch.full((b,), -1.0 / max(b, 1) if mean else -1.0, dtype=rows.dtype, device=rows.device)
             grads = ops.elbo_backward(g, None, None, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar,
                                       likelihood, beta, list(output_mask))
         else:
@@ -61,7 +61,10 @@ def _traced(g: torch.Tensor) -> bool:
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
-    ctx.grads = list(output[1:])  # an attribute, not save_for_backward: _backward decides when they go
+    # Saved like any saved tensor: counted by saved-tensor hooks, freed by autograd after a backward that does
+    # not retain the graph. Unpacked, a saved output is a new tensor on the same storage (AccumulateGrad may
+    # adopt it as a leaf's .grad and add into it later), hence the rule of _backward.
+    ctx.save_for_backward(*output[1:])
 
 
 def _backward(ctx, grad, *_unused):
@@ -70,15 +73,13 @@ def _backward(ctx, grad, *_unused):
         return (None,) * 7 + nones
     if torch.is_grad_enabled() and grad.requires_grad:
         raise RuntimeError(_ops.double_backward_message("elbo_loss"))
-    stored = ctx.grads
-    if stored is None:
-        raise RuntimeError("fastelbo: the one-pass ELBOLoss node was already used by a backward that did not "
-                           "retain the graph; pass retain_graph=True to the first backward to call it again")
+    stored = ctx.saved_tensors
     mask = ctx.needs_input_grad[:7]
-    hand_over = (not _traced(grad) and grad.device.type == "cpu" and grad.item() == 1.0
-                 and not torch._C._autograd._get_current_graph_task_keep_graph())
+    # As they are only when nothing can read them again (graph not retained) and the scale is exactly 1,
+    # read on the host where that is free (CPU tensors; never on CUDA, which would sync the stream).
+    hand_over = (not _traced(grad) and grad.device.type == "cpu"
+                 and not torch._C._autograd._get_current_graph_task_keep_graph() and grad.item() == 1.0)
     if hand_over:
-        ctx.grads = None  # the caller owns them now; this node is spent (graph not retained)
         return tuple(d if wanted else None for d, wanted in zip(stored, mask)) + nones
     return tuple(d * grad.to(d.dtype) if wanted else None for d, wanted in zip(stored, mask)) + nones
 
