@@ -354,7 +354,8 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     variable_list all = {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
                          std::get<4>(out), std::get<5>(out), std::get<6>(out), std::get<7>(out)};
     variable_list grads(all.begin() + 1, all.end());
-    ctx->mark_non_differentiable(grads);
+    // Not marked non-differentiable: compiled autograd refuses C++ Functions that mark outputs so. Nothing
+    // differentiates them (ELBOLoss keeps the loss alone); the backward returns them detached.
     ctx->set_materialize_grads(false);
     ctx->save_for_backward(grads);
     // The mask, not needs_input_grad: an absent optional tensor has no edge, so edge indices shift.
@@ -378,7 +379,7 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     const c10::List<bool> mask = ctx->saved_data["mask"].toBoolList();
     for (size_t i = 0; i < 7; ++i) {
       if (!mask[i]) continue;
-      out[i] = hand_over ? stored[i] : stored[i] * g.to(stored[i].scalar_type());
+      out[i] = hand_over ? stored[i].detach() : stored[i].detach() * g.to(stored[i].scalar_type());
     }
     return out;
   }
