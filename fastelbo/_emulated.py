@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _autocast, _build, _ops, _vmap
+from . import _autocast, _build, _onepass, _ops, _vmap
 
 PREFIX = "emu_"
 FAMILIES = _ops.FAMILIES
@@ -73,5 +73,7 @@ def load():
             return OPS
         _define()
         _build.load_emulated_extension()
-        OPS = SimpleNamespace(**{name: getattr(torch.ops.fastelbo, PREFIX + name) for name in OP_NAMES})
+        ops = SimpleNamespace(**{name: getattr(torch.ops.fastelbo, PREFIX + name) for name in OP_NAMES})
+        _onepass.define_twin(PREFIX, ops, _lib)  # fastelbo::emu_elbo_loss, ELBOLoss's one-pass op
+        OPS = ops
         return OPS

@@ -84,6 +84,13 @@ _SCHEMAS = {
 for _name, _schema in _SCHEMAS.items():
     LIB.define(_name + _schema, tags=(torch.Tag.pt2_compliant_tag,))
 
+# The one-pass reduced loss (docs/design.md §5; autograd and backend twins in fastelbo/_onepass.py): not an
+# op family (no backward op; its gradients are outputs of the forward), so it is not in _SCHEMAS.
+ELBO_LOSS_SCHEMA = ("(Tensor x, Tensor recon, Tensor mu, Tensor logvar, Tensor? obs_logvar, Tensor? prior_mu,"
+                    " Tensor? prior_logvar, str likelihood, float beta, str reduction, bool[7] output_mask,"
+                    " bool validate_x=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+LIB.define("elbo_loss" + ELBO_LOSS_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+
 ops = torch.ops.fastelbo
 
 
@@ -198,6 +205,25 @@ def _(grad_elbo, grad_loglik, grad_kl, x, recon, mu, logvar, obs_logvar, prior_m
             output_mask[5] and has_prior, output_mask[6] and has_prior]
     likes = (x, recon, mu, mu, obs_logvar if gaussian else recon, mu, mu)
     return tuple(_like_or_empty(wanted, like) for wanted, like in zip(mask, likes))
+
+
+def elbo_loss_fake(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, reduction,
+                   output_mask, validate_x=False):
+    """(loss [], the gradients of elbo_backward's mask): shapes of the one-pass loss of every backend."""
+    torch._check(mu.shape[0] == x.shape[0], lambda: "mu and x must have the same batch size")
+    grads = _fake_elbo_grads(x, recon, mu, obs_logvar, prior_mu, likelihood, output_mask)
+    return (x.new_empty(()),) + grads
+
+
+def _fake_elbo_grads(x, recon, mu, obs_logvar, prior_mu, likelihood, output_mask):
+    gaussian, has_prior = likelihood == "gaussian", prior_mu is not None
+    mask = [output_mask[0], output_mask[1], output_mask[2], output_mask[3], output_mask[4] and gaussian,
+            output_mask[5] and has_prior, output_mask[6] and has_prior]
+    likes = (x, recon, mu, mu, obs_logvar if gaussian else recon, mu, mu)
+    return tuple(_like_or_empty(wanted, like) for wanted, like in zip(mask, likes))
+
+
+_register_fake("elbo_loss")(elbo_loss_fake)
 
 
 @_register_fake("iwae_bound")

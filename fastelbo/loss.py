@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _functorch, _onepass
 from . import _validate as v
+from ._backend import _check_name, resolve
+from ._config import CUDA_EMULATED
 from ._dtypes import acc_dtype
-from ._backend import _check_name
 from .functional import elbo, free_bits_kl, iwae_bound
 
 BOUNDS = ("elbo", "iwae")
+
+# The backends with a one-pass op (docs/design.md §5), by the prefix of their ops; the reference has none.
+_ONEPASS_PREFIX = {"cpu": "", "cuda": "", "triton": "triton_", CUDA_EMULATED: "emu_"}
 
 
 class ELBOLoss(nn.Module):
@@ -76,10 +81,29 @@ class ELBOLoss(nn.Module):
             loss, out_dtype = self._free_bits_rows(recon, x, mu, logvar, kw)
             return self._reduce(loss).to(out_dtype)
         else:
+            loss = self._one_pass(recon, x, mu, logvar, kw)
+            if loss is not None:
+                return loss
             bound = elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
         # The bounds are reduced first and negated after: the same bits as reducing their negation
         # (in every dtype), one [B] kernel fewer in the forward and the backward.
         return -self._reduce(bound)
+
+    def _one_pass(self, recon, x, mu, logvar, kw):
+        """The reduced loss with its gradients computed in the forward (fastelbo/_onepass.py), or None where
+        the two-pass path runs: reduction "none" (per-row upstream gradients), no gradient wanted (no_grad,
+        inference_mode, nothing requiring grad), a torch.func transform, or the reference backend."""
+        if self.reduction == "none" or _functorch.transforms_active():
+            return None
+        if not _onepass.wanted((recon, x, mu, logvar, kw["obs_logvar"], kw["prior_mu"], kw["prior_logvar"])):
+            return None
+        args = v.elbo_args(x, recon, mu, logvar, self.likelihood, kw["obs_logvar"], kw["prior_mu"],
+                           kw["prior_logvar"], self.beta, self.validate_args)
+        prefix = _ONEPASS_PREFIX.get(resolve(self.backend, recon.device.type))
+        if prefix is None:
+            return None
+        mask = [isinstance(t, torch.Tensor) and t.requires_grad for t in args[:7]]
+        return _onepass.op_for(prefix)(*args[:9], self.reduction, mask, args[9])[0]
 
     def _free_bits_rows(self, recon, x, mu, logvar, kw):
         """(beta * floored KL - log-likelihood per row in the accumulation dtype, the output dtype).

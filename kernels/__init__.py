@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastelbo import _autocast, _ops, _vmap
+from fastelbo import _autocast, _onepass, _ops, _vmap
 
 from . import _launch, elbo, free_bits, iwae, kl, loglik, rsample  # noqa: F401  (defines and registers the ops)
 
@@ -45,6 +45,10 @@ OPS = SimpleNamespace(**{
     name: getattr(torch.ops.fastelbo, f"triton_{name}")
     for family in _ops.FAMILIES for name in (family, family + "_backward")
 })
+
+# The one-pass reduced loss of ELBOLoss (fastelbo/_onepass.py): fastelbo::triton_elbo_loss.
+_LIB = torch.library.Library("fastelbo", "FRAGMENT")
+_onepass.define_twin("triton_", OPS, _LIB)
 
 # Every @triton.jit kernel (for build checks): name -> JITFunction.
 KERNELS = {

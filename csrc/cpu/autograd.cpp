@@ -12,8 +12,10 @@
 // forward and backward, through the dispatcher), autocast runs before it, and
 // the backward ops keep their double-backward error.
 #include <ATen/ATen.h>
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <array>
@@ -67,7 +69,12 @@ using GaussianBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const
     static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>(); \
     return handle;                                                                                     \
   }
+using ElboLossSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
+                                           double, c10::string_view, std::array<bool, 7>, bool);
 FASTELBO_OP(elbo_op, "fastelbo::elbo", ElboSig)
+FASTELBO_OP(elbo_loss_op, "fastelbo::elbo_loss", ElboLossSig)
 FASTELBO_OP(elbo_backward_op, "fastelbo::elbo_backward", ElboBackwardSig)
 FASTELBO_OP(rsample_op, "fastelbo::rsample", RsampleSig)
 FASTELBO_OP(rsample_backward_op, "fastelbo::rsample_backward", RsampleBackwardSig)
@@ -327,6 +334,67 @@ struct FreeBitsFunction : public torch::autograd::Function<FreeBitsFunction> {
   }
 };
 
+// The one-pass reduced loss (docs/design.md §5), the C++ twin of fastelbo/_onepass.py's autograd: the
+// forward's gradients are saved outputs; the backward hands them over when the upstream gradient is 1 and
+// the graph is not retained (autograd frees them right after), else returns a fresh scaled copy, so they
+// are never modified. A traced upstream gradient (fake or functional, torch.compile / export) has no value
+// to read: the scaled copy.
+struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& recon,
+                               const at::Tensor& mu, const at::Tensor& logvar, const OptTensor& obs_logvar,
+                               const OptTensor& prior_mu, const OptTensor& prior_logvar, c10::string_view likelihood,
+                               double beta, c10::string_view reduction, std::array<bool, 7> output_mask,
+                               bool validate_x) {
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = elbo_loss_op().call(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta,
+                                reduction, output_mask, validate_x);
+    }
+    variable_list all = {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
+                         std::get<4>(out), std::get<5>(out), std::get<6>(out), std::get<7>(out)};
+    variable_list grads(all.begin() + 1, all.end());
+    // Not marked non-differentiable: compiled autograd refuses C++ Functions that mark outputs so. Nothing
+    // differentiates them (ELBOLoss keeps the loss alone); the backward returns them detached.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(grads);
+    // The mask, not needs_input_grad: an absent optional tensor has no edge, so edge indices shift.
+    c10::List<bool> mask;
+    for (bool m : output_mask) mask.push_back(m);
+    ctx->saved_data["mask"] = mask;
+    return all;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list upstream) {
+    variable_list out(12);  // one per forward argument
+    const at::Tensor& g = upstream[0];
+    if (!g.defined()) return out;
+    TORCH_CHECK(!(c10::GradMode::is_enabled() && g.requires_grad()),
+                "fastelbo: elbo_loss is not differentiable (double backward through fastelbo's ops is not "
+                "supported; use fastelbo.reference for higher-order derivatives)");
+    const variable_list stored = ctx->get_saved_variables();
+    const bool traced = g.key_set().has(c10::DispatchKey::Python) || at::functionalization::impl::isFunctionalTensor(g);
+    const bool hand_over = !traced && g.device().is_cpu() &&
+                           !torch::autograd::get_current_graph_task_keep_graph() && g.item<double>() == 1.0;
+    const c10::List<bool> mask = ctx->saved_data["mask"].toBoolList();
+    for (size_t i = 0; i < 7; ++i) {
+      if (!mask[i]) continue;
+      out[i] = hand_over ? stored[i].detach() : stored[i].detach() * g.to(stored[i].scalar_type());
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+elbo_loss_autograd(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
+                   const OptTensor& obs_logvar, const OptTensor& prior_mu, const OptTensor& prior_logvar,
+                   c10::string_view likelihood, double beta, c10::string_view reduction,
+                   std::array<bool, 7> output_mask, bool validate_x) {
+  auto o = ElboLossFunction::apply(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta,
+                                   reduction, output_mask, validate_x);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elbo_autograd(const at::Tensor& x, const at::Tensor& recon,
                                                              const at::Tensor& mu, const at::Tensor& logvar,
                                                              const OptTensor& obs_logvar, const OptTensor& prior_mu,
@@ -376,6 +444,7 @@ std::tuple<at::Tensor, at::Tensor> free_bits_autograd(const at::Tensor& mu, cons
 
 TORCH_LIBRARY_IMPL(fastelbo, AutogradCPU, m) {
   m.impl("elbo", &elbo_autograd);
+  m.impl("elbo_loss", &elbo_loss_autograd);
   m.impl("rsample", &rsample_autograd);
   m.impl("gaussian_kl", &kl_autograd);
   m.impl("bernoulli_log_prob", &bernoulli_autograd);
