@@ -13,8 +13,26 @@ import torch
 
 import fastelbo
 from fastelbo import _onepass
+from fastelbo import loss as loss_module
 from fastelbo import reference as R
 from helpers import generator_for
+
+
+@pytest.fixture(autouse=True)
+def one_pass_on_every_backend(monkeypatch):
+    """ELBOLoss takes the one-pass path only where its op is one fused kernel (the CPU); the other backends'
+    one-pass ops are tested here by routing ELBOLoss to them."""
+    monkeypatch.setattr(loss_module, "_ONEPASS_PREFIX", dict(loss_module.ONEPASS_OPS))
+
+
+def test_default_routing_is_one_pass_only_where_fused(fused, monkeypatch):
+    monkeypatch.undo()
+    x, recon, mu, lv = _inputs(fused.device, generator_for("default route"))
+    loss = fastelbo.ELBOLoss(backend=fused.name)(recon, x, mu, lv)
+    assert _one_pass_node(loss) == (fused.name == "cpu"), loss.grad_fn.name()
+    loss.backward()
+    expected = _reference_grads(x, recon, mu, lv, 1.0, beta=1.0)
+    _close((recon.grad, mu.grad, lv.grad), expected)
 
 
 def _inputs(device, gen, B=6, Dx=37, Dz=4, dtype=torch.float32):
