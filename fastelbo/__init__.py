@@ -12,15 +12,17 @@ from . import _ops  # noqa: F401  (registers the fastelbo:: ops)
 from . import _autocast  # noqa: F401  (their torch.autocast rules: float32, see docs/training.md)
 from . import _vmap  # noqa: F401  (their torch.vmap rules, see docs/training.md)
 from . import reference
+from ._argorder import ArgumentOrderWarning
 from ._backend import FallbackWarning
 from ._build import BuildError, load_kernels
 from ._validate import set_default_validate_args
 from .evaluation import estimate_log_likelihood
 from .functional import (ELBOTerms, bernoulli_log_prob, elbo, free_bits_kl, gaussian_kl, gaussian_log_prob,
                          iwae_bound, rsample)
+from ._logits_check import LogitsWarning
 from .loss import ELBOLoss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "rsample",
@@ -34,6 +36,8 @@ __all__ = [
     "ELBOTerms",
     "ELBOLoss",
     "FallbackWarning",
+    "ArgumentOrderWarning",
+    "LogitsWarning",
     "BuildError",
     "load_kernels",
     "set_default_validate_args",
