@@ -57,8 +57,9 @@ def _positional_pair(fn: str, first, second):
     """(recon, x) from the first two positional arguments."""
     if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
         return first, second  # the argument checks name what is wrong
-    if first.dim() == 2 and second.dim() == 3:
-        # x [B, Dx] then recon [K, B, Dx]: the 0.1 order, unambiguous by shape.
+    if second.dim() == first.dim() + 1 and tuple(second.shape[1:]) == tuple(first.shape):
+        # x [B, Dx] then recon [K, B, Dx] (any trailing shape): the 0.1 order, unambiguous by shape, as
+        # x never has a sample dimension.
         warnings.warn(f"{fn}(x, recon, ...) is the fastelbo 0.1 argument order; it is now {fn}(recon, x, ...), "
                       "model output first, like ELBOLoss and torch.nn.functional. This call was recognised by "
                       "its shapes and computed as meant; swap the two arguments (or pass recon= and x= by "

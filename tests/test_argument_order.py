@@ -66,6 +66,10 @@ def test_old_order_told_apart_by_shape_warns_and_is_computed_as_meant(data, fres
     with pytest.warns(fastelbo.ArgumentOrderWarning, match=r"elbo\(x, recon, \.\.\.\)"):
         old_k = F.elbo(d["x"], d["recon_k"], d["mu"], d["logvar"]).elbo
     assert torch.equal(old_k, F.elbo(recon=d["recon_k"], x=d["x"], mu=d["mu"], logvar=d["logvar"]).elbo)
+    with warnings.catch_warnings():  # a mismatched K-sample shape is not taken for the old order
+        warnings.simplefilter("error", fastelbo.ArgumentOrderWarning)
+        with pytest.raises(ValueError, match=r"\bx\b must|\brecon\b"):  # read in the new order: a shape error
+            F.elbo(d["x"], d["recon_k"][:, :, :-1], d["mu"], d["logvar"])
     with pytest.warns(fastelbo.ArgumentOrderWarning):  # the reference takes the same order
         assert torch.equal(R.iwae_bound(d["x"], d["recon_k"], d["z"], d["mu"], d["logvar"]),
                            R.iwae_bound(recon=d["recon_k"], x=d["x"], z=d["z"], mu=d["mu"], logvar=d["logvar"]))
