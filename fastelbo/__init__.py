@@ -12,16 +12,18 @@ from . import _ops  # noqa: F401  (registers the fastelbo:: ops)
 from . import _autocast  # noqa: F401  (their torch.autocast rules: float32, see docs/training.md)
 from . import _vmap  # noqa: F401  (their torch.vmap rules, see docs/training.md)
 from . import diagnostics, reference
+from ._argorder import ArgumentOrderWarning
 from ._backend import FallbackWarning
 from ._build import BuildError, load_kernels
 from ._validate import set_default_validate_args
 from .evaluation import estimate_log_likelihood
 from .functional import (ELBOTerms, bernoulli_log_prob, elbo, free_bits_kl, gaussian_kl, gaussian_log_prob,
                          iwae_bound, rsample)
+from ._logits_check import LogitsWarning
 from .loss import ELBOLoss
 from .posterior import DiagonalGaussian
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "rsample",
@@ -36,6 +38,8 @@ __all__ = [
     "ELBOLoss",
     "DiagonalGaussian",
     "FallbackWarning",
+    "ArgumentOrderWarning",
+    "LogitsWarning",
     "BuildError",
     "load_kernels",
     "set_default_validate_args",

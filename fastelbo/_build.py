@@ -1,10 +1,11 @@
 """The one place that knows how to build the C++ kernels in csrc/.
 
 The CPU kernels compile with torch.utils.cpp_extension + ninja on first use
-and are cached per torch version and source hash in a user cache directory
+and are cached per torch version, source hash, ninja and compiler (fastelbo/_toolchain.py decides which
+ninja builds, not PATH order) in a user cache directory
 (``FASTELBO_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastelbo``, else
 ``~/.cache/fastelbo``). A file lock makes concurrent first uses build once.
-``fastelbo build`` prebuilds.
+``fastelbo build`` prebuilds. A build says so on stderr (fastelbo/_build_notice.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from . import _build_notice, _toolchain
 from ._config import strict_mode, verbose_build
 
 
@@ -88,6 +90,9 @@ def _fingerprint(sources: list[Path], flags: list[str], backends: tuple[str, ...
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
+    # ninja and the compiler: another ninja cannot read this one's build log and would rebuild every
+    # object; with them in the key each toolchain builds once, in its own directory.
+    h.update(_toolchain.cache_key().encode())
     return h.hexdigest()[:16]
 
 
@@ -100,14 +105,10 @@ def compatibility() -> tuple[bool, str]:
     if platform.system() != "Linux":
         return False, f"the C++ backend is built (with OpenMP) and tested on Linux only; this is {platform.system()}"
     try:
-        from torch.utils.cpp_extension import verify_ninja_availability
-
-        verify_ninja_availability()
-    except Exception:
-        return False, "ninja is not installed (pip install ninja)"
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return False, f"no C++ compiler ({cxx!r} not on PATH; install g++, e.g. apt-get install g++)"
+        _toolchain.ninja()
+        _toolchain.compiler()
+    except _toolchain.ToolchainError as exc:
+        return False, str(exc)
     return True, ""
 
 
@@ -124,7 +125,8 @@ _CPU = _State()
 
 
 def _locked_load(name: str, sources: list[Path], cflags: list[str], directory: Path,
-                 extra_ldflags: tuple[str, ...] = ("-fopenmp",), **load_kwargs) -> None:
+                 extra_ldflags: tuple[str, ...] = ("-fopenmp",), *, what: str | None = None,
+                 **load_kwargs) -> None:
     import fcntl
 
     from torch.utils.cpp_extension import load
@@ -138,17 +140,19 @@ def _locked_load(name: str, sources: list[Path], cflags: list[str], directory: P
             # is done; one killed mid-build leaves it behind and every later load() waits on it forever.
             # Under the flock no other fastelbo process is building here, so a baton is stale.
             (directory / "lock").unlink(missing_ok=True)
-            load(
-                name=name,
-                sources=[str(s) for s in sources],
-                extra_cflags=cflags,
-                extra_ldflags=list(extra_ldflags),
-                extra_include_paths=[str(csrc_dir())] + list(load_kwargs.pop("extra_include_paths", [])),
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=verbose_build(),
-                **load_kwargs,
-            )
+            with _toolchain.chosen_ninja_first(cache_root() / "tools"), \
+                    _build_notice.announce(what or name, directory, directory / f"{name}.so", len(sources)):
+                load(
+                    name=name,
+                    sources=[str(s) for s in sources],
+                    extra_cflags=cflags,
+                    extra_ldflags=list(extra_ldflags),
+                    extra_include_paths=[str(csrc_dir())] + list(load_kwargs.pop("extra_include_paths", [])),
+                    build_directory=str(directory),
+                    is_python_module=False,
+                    verbose=verbose_build(),
+                    **load_kwargs,
+                )
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
@@ -195,7 +199,8 @@ def load_cpu_extension() -> None:
         sources = cpu_sources()
         name = "fastelbo_cpu_" + _fingerprint(sources, flags, ("cpu",))
         directory = build_dir(name)
-        return _Plan(name, directory, lambda: _locked_load(name, sources, flags, directory),
+        return _Plan(name, directory, lambda: _locked_load(name, sources, flags, directory,
+                                                          what="fastelbo's C++ CPU kernels"),
                      "Needed: a C++20 compiler with OpenMP (g++), ninja (pip install ninja) and the Python headers; "
                      "FASTELBO_VERBOSE_BUILD=1 shows the full compiler output.")
 
@@ -343,7 +348,7 @@ def load_cuda_extension() -> None:
         return _Plan(name, directory,
                      lambda: _locked_load(name, sources, cflags, directory, extra_ldflags=(),
                                           extra_cuda_cflags=nvcc_flags, extra_include_paths=cuda_include_paths(),
-                                          with_cuda=True),
+                                          with_cuda=True, what="fastelbo's CUDA kernels"),
                      f"Needed: nvcc matching torch's CUDA {torch.version.cuda} (CUDA_HOME={home}), a C++17 compiler "
                      "and ninja; FASTELBO_VERBOSE_BUILD=1 shows the full compiler output.")
 
@@ -408,7 +413,8 @@ def load_emulated_extension() -> None:
 
         def build() -> None:
             sources = own + _emulated_wrappers(directory, cu_files)
-            _locked_load(name, sources, flags, directory, extra_ldflags=("-lpthread", "-ldl"))
+            _locked_load(name, sources, flags, directory, extra_ldflags=("-lpthread", "-ldl"),
+                         what="the emulated CUDA kernels (tests only)")
 
         return _Plan(name, directory, build, "FASTELBO_VERBOSE_BUILD=1 shows the full compiler output.")
 

@@ -145,7 +145,7 @@ class TorchLoss(nn.Module):
         self.likelihood = likelihood
 
     def forward(self, out, x, mu, logvar, obs_logvar=None):
-        return -reference.elbo(x, out, mu, logvar, likelihood=self.likelihood, obs_logvar=obs_logvar).elbo.mean()
+        return -reference.elbo(recon=out, x=x, mu=mu, logvar=logvar, likelihood=self.likelihood, obs_logvar=obs_logvar).elbo.mean()
 
 
 def make_run(name: str, backend: str, *, seed: int, latent: int, likelihood: str, device: torch.device,

@@ -170,6 +170,9 @@ def num_samples_value(value, like: torch.Tensor) -> int | None:
 def free_bits_value(value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"free_bits must be a real number (nats per latent dimension); got {type(value).__name__}")
+    if finite(value) is None:  # NaN, an infinity, or an int beyond float's range (float() would overflow)
+        shown = f"an int of {len(str(abs(value)))} digits" if isinstance(value, numbers.Integral) else value
+        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension); got {shown}")
     value = float(value)
     if not value >= 0.0 or value == float("inf"):
         raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension); got {value}")
@@ -194,7 +197,8 @@ def choice(value, name: str, options: tuple[str, ...]) -> str:
 
 def unit_interval(x: torch.Tensor, name: str = "x") -> None:
     """Bernoulli targets must lie in [0, 1] (NaN passes and propagates)."""
-    msg = (f"{name} must lie in [0, 1] for the Bernoulli likelihood (pass validate_args=False to skip this check)")
+    # fastelbo.functional re-raises a ValueError with the values and the likely cause (fastelbo/_logits_check.py).
+    msg = f"{name} must lie in [0, 1] for the Bernoulli likelihood"
     raise_if_flagged((x < 0) | (x > 1), msg)
 
 
@@ -224,6 +228,16 @@ def _every_slice(flag: torch.Tensor) -> torch.Tensor:
     while torch._C._functorch.is_functorch_wrapped_tensor(flag):
         flag = torch._C._functorch.get_unwrapped(flag)
     return flag.any()
+
+
+def obs_logvar_value(value):
+    """A number given for obs_logvar is checked when given (ELBOLoss's constructor), not at the first
+    forward; a tensor's values are not read (a device sync), as per_feature says."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and finite(value) is None:
+        raise ValueError(f"obs_logvar must be a finite number (the observation log-variance) or a tensor; got {value}")
+    if isinstance(value, bool):
+        raise TypeError("obs_logvar must be a number or a tensor; got bool")
+    return value
 
 
 def beta_value(beta) -> float:

@@ -18,7 +18,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="fastelbo", description="Fused, exact ELBO losses for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"fastelbo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():

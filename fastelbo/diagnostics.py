@@ -113,8 +113,8 @@ def posterior_gap(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar
     kw = dict(likelihood=likelihood, obs_logvar=obs_logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
               backend=backend)
     with torch.no_grad():
-        iwae = F.iwae_bound(x, recon, z, mu, logvar, **kw)
-        elbo = F.elbo(x, recon, mu, logvar, **kw).elbo
+        iwae = F.iwae_bound(recon, x, z, mu, logvar, **kw)
+        elbo = F.elbo(recon, x, mu, logvar, **kw).elbo
         d = (iwae - elbo).double()
     b = d.numel()
     stderr = d.std().item() / math.sqrt(b) if b > 1 else math.nan

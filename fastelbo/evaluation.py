@@ -68,15 +68,29 @@ def estimate_log_likelihood(model_fn, x: torch.Tensor, K: int = 5000, *, chunk_s
             k = min(chunk_size, K - start)
             if bar is not None:
                 bar.step(f"samples {start + k}/{K}")
-            z = rsample(mu, logvar, num_samples=k, seed=_wrap(base + c), backend=backend)
+            z = _chunk_samples(mu, logvar, k, _wrap(base + c), backend, chunk_size)
             recon = decode(z.reshape(k * B, -1)).reshape(k, B, -1)
             # iwae_bound of this chunk = logsumexp_k(log w) - log k: undo the mean, fold the sum in.
-            part = iwae_bound(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
+            part = iwae_bound(recon, x, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
                               prior_mu=prior_mu, prior_logvar=prior_logvar, backend=backend)
             total = torch.logaddexp(total, part.double() + math.log(k))
     if bar is not None:
         bar.close()
     return (total - math.log(K)).to(mu.dtype)
+
+
+def _chunk_samples(mu, logvar, k, seed, backend, chunk_size):
+    """One chunk's z; a chunk too large for memory (or for a tensor) is the caller's chunk_size, not
+    rsample's num_samples, in the error."""
+    try:
+        return rsample(mu, logvar, num_samples=k, seed=seed, backend=backend)
+    except (ValueError, RuntimeError) as e:
+        if "num_samples" not in str(e):
+            raise
+        raise type(e)(f"estimate_log_likelihood: chunk_size={chunk_size} samples per chunk is too large for mu of "
+                      f"shape {list(mu.shape)} ({mu.dtype}): z of shape {[k, *mu.shape]} "
+                      f"({math.prod([k, *mu.shape]) * mu.element_size()} bytes) cannot be allocated; pass a smaller "
+                      f"chunk_size (None picks about 2^24 decoded elements per chunk)") from e
 
 
 def _model_parts(model_fn):

@@ -13,6 +13,10 @@ over all of *. Priors and observation log-variances then broadcast to mu's
 are read without a copy, other layouts (a slice, an expanded tensor) through
 a copy; rsample returns z in mu's shape and layout, its noise indexed in
 mu's memory order. See fastelbo._validate and fastelbo._rows.Trailing.
+
+Argument order: the model's output first, the data second, as in torch.nn.functional
+and ELBOLoss: elbo(recon, x, mu, logvar), bernoulli_log_prob(logits, x). fastelbo 0.1's
+elbo(x, recon, ...) is recognised for one release where the shapes tell (fastelbo/_argorder.py).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import math
 import torch
 
 from . import _validate as v
+from ._argorder import ArgumentOrderWarning, bind
+from ._logits_check import checked as _logits_checked
 from ._backend import impl
 from ._seed import seed_tensor
 from .reference import ELBOTerms
 
 __all__ = ["rsample", "gaussian_kl", "free_bits_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo",
-           "iwae_bound", "ELBOTerms"]
+           "iwae_bound", "ELBOTerms", "ArgumentOrderWarning"]
 
 
 def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None, backend="auto") -> torch.Tensor:
@@ -122,7 +128,8 @@ def bernoulli_log_prob(logits, x, *, backend="auto", validate_args=None) -> torc
     """log Bernoulli(x | sigmoid(logits)) per row; x may be continuous in [0, 1]."""
     # The range check of x runs inside the kernel, in the pass that reads x anyway.
     args = v.bernoulli_args(logits, x, validate_args)
-    return impl(backend, logits.device).bernoulli_log_prob(*args)
+    return _logits_checked("bernoulli_log_prob", logits, x, "logits", lambda: impl(backend, logits.device)
+                           .bernoulli_log_prob(*args))
 
 
 def gaussian_log_prob(mean, x, logvar=0.0, *, backend="auto") -> torch.Tensor:
@@ -132,9 +139,11 @@ def gaussian_log_prob(mean, x, logvar=0.0, *, backend="auto") -> torch.Tensor:
     return impl(backend, mean.device).gaussian_log_prob(*args)
 
 
-def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None, prior_logvar=None,
-         beta=1.0, backend="auto", validate_args=None) -> ELBOTerms:
-    """ELBO per row: log p(x | recon) - beta * KL(N(mu, e^logvar) || p(z)), in one fused op.
+def elbo(*args, recon=None, x=None, mu=None, logvar=None, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
+         prior_logvar=None, beta=1.0, backend="auto", validate_args=None) -> ELBOTerms:
+    """elbo(recon, x, mu, logvar, *, ...): ELBO per row, log p(x | recon) - beta * KL(N(mu, e^logvar) || p(z)),
+    in one fused op. recon (the decoder's output) first, x (the data) second, like ELBOLoss; recon=
+    and x= may be passed by keyword (fastelbo/_argorder.py: the 0.1 order x, recon).
 
     likelihood "bernoulli": recon are logits, x in [0, 1]. "gaussian": recon is
     the mean and obs_logvar (number or [], [Dx], [1, Dx], [B, Dx]; default 0)
@@ -144,13 +153,17 @@ def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior
     num_samples=K)): the log-likelihood is then the K-sample average per row.
     Returns ELBOTerms(elbo, log_likelihood, kl), each [B].
     """
+    recon, x, mu, logvar = bind("elbo", args, dict(recon=recon, x=x, mu=mu, logvar=logvar),
+                                ("recon", "x", "mu", "logvar"))
     args = v.elbo_args(x, recon, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, beta, validate_args)
-    return ELBOTerms(*impl(backend, recon.device).elbo(*args))
+    return ELBOTerms(*_logits_checked("elbo", recon, x, "recon", lambda: impl(backend, recon.device).elbo(*args),
+                                      likelihood))
 
 
-def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
-               prior_logvar=None, backend="auto", validate_args=None) -> torch.Tensor:
-    """The importance-weighted bound (Burda et al. 2016) per row, [B], in one fused op:
+def iwae_bound(*args, recon=None, x=None, z=None, mu=None, logvar=None, likelihood="bernoulli", obs_logvar=None,
+               prior_mu=None, prior_logvar=None, backend="auto", validate_args=None) -> torch.Tensor:
+    """iwae_bound(recon, x, z, mu, logvar, *, ...): the importance-weighted bound (Burda et al. 2016)
+    per row, [B], in one fused op (recon first, like elbo; recon= / x= by keyword work too):
 
         log (1/K) sum_k exp(log p(x | z_k) + log p(z_k) - log q(z_k | x))
 
@@ -159,5 +172,8 @@ def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=No
     backward weights each sample by its softmax weight. K = 1 is the single-sample ELBO with the
     Monte Carlo KL. likelihood, obs_logvar and the prior as in elbo().
     """
+    recon, x, z, mu, logvar = bind("iwae_bound", args, dict(recon=recon, x=x, z=z, mu=mu, logvar=logvar),
+                                   ("recon", "x", "z", "mu", "logvar"))
     args = v.iwae_args(x, recon, z, mu, logvar, likelihood, obs_logvar, prior_mu, prior_logvar, validate_args)
-    return impl(backend, recon.device).iwae_bound(*args)[0]
+    return _logits_checked("iwae_bound", recon, x, "recon", lambda: impl(backend, recon.device).iwae_bound(*args),
+                           likelihood)[0]

@@ -64,7 +64,7 @@ class ELBOLoss(nn.Module):
         if self.bound == "iwae" and self.free_bits != 0.0:
             raise ValueError(f"free_bits applies to bound='elbo'; the IWAE bound has no KL term to floor "
                              f"(got free_bits={free_bits})")
-        self.obs_logvar = obs_logvar
+        self.obs_logvar = v.obs_logvar_value(obs_logvar)
         self.backend = _check_name(backend)
         v.validate_args_enabled(validate_args)  # None or a bool, checked now rather than at the first call
         self.validate_args = validate_args
@@ -79,7 +79,7 @@ class ELBOLoss(nn.Module):
                 raise ValueError("bound='iwae' needs the samples: forward(recon, x, mu, logvar, z=z) with z "
                                  "[K, B, Dz] from rsample(mu, logvar, num_samples=K) and recon [K, B, Dx] decoded "
                                  "from it")
-            bound = iwae_bound(x, recon, z, mu, logvar, **kw)
+            bound = iwae_bound(recon=recon, x=x, z=z, mu=mu, logvar=logvar, **kw)
         elif z is not None:
             raise ValueError("z is used by bound='iwae' only (the ELBO's KL is analytic)")
         elif self.free_bits > 0.0:
@@ -89,7 +89,7 @@ class ELBOLoss(nn.Module):
             loss = self._one_pass(recon, x, mu, logvar, kw)
             if loss is not None:
                 return loss
-            bound = elbo(x, recon, mu, logvar, beta=self.beta, **kw).elbo
+            bound = elbo(recon=recon, x=x, mu=mu, logvar=logvar, beta=self.beta, **kw).elbo
         # The bounds are reduced first and negated after: the same bits as reducing their negation
         # (in every dtype), one [B] kernel fewer in the forward and the backward.
         return -self._reduce(bound)
@@ -121,7 +121,7 @@ class ELBOLoss(nn.Module):
         is a product even for beta = 0, as in the fused op and the reference (0 * inf is NaN).
         """
         # The elbo call validates every argument before anything is cast below.
-        ll = elbo(x, recon, mu, logvar, beta=0.0, **kw).log_likelihood
+        ll = elbo(recon=recon, x=x, mu=mu, logvar=logvar, beta=0.0, **kw).log_likelihood
         acc = acc_dtype(ll.dtype)
         # The free-bits kernels compute in the accumulation dtype anyway: on upcast inputs their
         # rows come back unrounded (and the gradients are rounded once, by the casts' backward).

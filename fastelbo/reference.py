@@ -21,7 +21,8 @@ from torch.distributions import Bernoulli, Normal
 from . import _philox
 from ._dtypes import acc_dtype
 from ._seed import seed_tensor
-from ._validate import unit_interval
+from ._argorder import bind
+from ._validate import num_samples_value, unit_interval
 
 __all__ = ["ELBOTerms", "rsample", "standard_normal", "gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "elbo",
            "iwae_log_weights", "iwae_bound", "free_bits_kl"]
@@ -52,6 +53,7 @@ def rsample(mu, logvar, *, num_samples=None, generator=None, seed=None, eps=None
 
     num_samples=K: z of shape [K, B, Dz], eps over the logical [K, B, Dz] index (docs/design.md §3).
     """
+    num_samples = num_samples_value(num_samples, mu)  # the API's own check: K >= 1, z within int64 bytes
     q = Normal(mu, _std(logvar), validate_args=False)
     shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
     if eps is None:
@@ -130,12 +132,15 @@ def gaussian_log_prob(mean, x, logvar=0.0) -> torch.Tensor:
     return Normal(mean, _std(s).expand_as(mean), validate_args=False).log_prob(x).sum(-1)
 
 
-def elbo(x, recon, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None, prior_logvar=None,
-         beta=1.0) -> ELBOTerms:
-    """elbo = log p(x | recon) - beta * KL(q(z|x) || p(z)), per row.
+def elbo(*args, recon=None, x=None, mu=None, logvar=None, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
+         prior_logvar=None, beta=1.0) -> ELBOTerms:
+    """elbo(recon, x, mu, logvar, *, ...) = log p(x | recon) - beta * KL(q(z|x) || p(z)), per row
+    (argument order as fastelbo.elbo).
 
     recon may be [K, B, Dx] (K decoded samples of z): the log-likelihood is then their average.
     """
+    recon, x, mu, logvar = bind("elbo", args, dict(recon=recon, x=x, mu=mu, logvar=logvar),
+                                ("recon", "x", "mu", "logvar"))
     ll = _log_likelihood(x, recon, likelihood, obs_logvar)
     if recon.dim() == 3:
         ll = ll.mean(0)
@@ -150,23 +155,29 @@ def _log_likelihood(x, recon, likelihood, obs_logvar):
     return gaussian_log_prob(recon, x, 0.0 if obs_logvar is None else obs_logvar)
 
 
-def iwae_log_weights(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
-                     prior_logvar=None) -> torch.Tensor:
-    """log w[k, b] = log p(x_b | z_kb) + log p(z_kb) - log q(z_kb | x_b), shape [K, B]."""
+def iwae_log_weights(*args, recon=None, x=None, z=None, mu=None, logvar=None, likelihood="bernoulli",
+                     obs_logvar=None, prior_mu=None, prior_logvar=None) -> torch.Tensor:
+    """iwae_log_weights(recon, x, z, mu, logvar, *, ...):
+    log w[k, b] = log p(x_b | z_kb) + log p(z_kb) - log q(z_kb | x_b), shape [K, B]."""
+    recon, x, z, mu, logvar = bind("iwae_log_weights", args, dict(recon=recon, x=x, z=z, mu=mu, logvar=logvar),
+                                   ("recon", "x", "z", "mu", "logvar"))
     q = Normal(mu, _std(logvar), validate_args=False)
     log_q = q.log_prob(z).sum(-1)
     log_p = _prior_normal(prior_mu, prior_logvar, mu).log_prob(z).sum(-1)
     return _log_likelihood(x, recon, likelihood, obs_logvar) + log_p - log_q
 
 
-def iwae_bound(x, recon, z, mu, logvar, *, likelihood="bernoulli", obs_logvar=None, prior_mu=None,
-               prior_logvar=None) -> torch.Tensor:
-    """The importance-weighted bound (Burda et al. 2016) per row: log (1/K) sum_k w[k, b], [B].
+def iwae_bound(*args, recon=None, x=None, z=None, mu=None, logvar=None, likelihood="bernoulli", obs_logvar=None,
+               prior_mu=None, prior_logvar=None) -> torch.Tensor:
+    """iwae_bound(recon, x, z, mu, logvar, *, ...): the importance-weighted bound (Burda et al. 2016)
+    per row: log (1/K) sum_k w[k, b], [B] (argument order as fastelbo.iwae_bound).
 
     recon [K, B, Dx] is decoded from z [K, B, Dz] ~ q(z | x); K = 1 is the single-sample ELBO
     with the Monte Carlo KL, log p(x | z) + log p(z) - log q(z | x).
     """
-    lw = iwae_log_weights(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
+    recon, x, z, mu, logvar = bind("iwae_bound", args, dict(recon=recon, x=x, z=z, mu=mu, logvar=logvar),
+                                   ("recon", "x", "z", "mu", "logvar"))
+    lw = iwae_log_weights(recon=recon, x=x, z=z, mu=mu, logvar=logvar, likelihood=likelihood, obs_logvar=obs_logvar,
                           prior_mu=prior_mu, prior_logvar=prior_logvar)
     return _log_mean_exp(lw)
 
@@ -200,15 +211,15 @@ class _ReferenceOps:
     def elbo(x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, beta, validate_x=False):
         if validate_x:
             unit_interval(x)
-        return tuple(elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, prior_mu=prior_mu,
+        return tuple(elbo(recon=recon, x=x, mu=mu, logvar=logvar, likelihood=likelihood, obs_logvar=obs_logvar, prior_mu=prior_mu,
                           prior_logvar=prior_logvar, beta=beta))
 
     @staticmethod
     def iwae_bound(x, recon, z, mu, logvar, obs_logvar, prior_mu, prior_logvar, likelihood, validate_x=False):
         if validate_x and likelihood == "bernoulli":
             unit_interval(x)
-        lw = iwae_log_weights(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar,
-                              prior_mu=prior_mu, prior_logvar=prior_logvar)
+        lw = iwae_log_weights(recon=recon, x=x, z=z, mu=mu, logvar=logvar, likelihood=likelihood,
+                              obs_logvar=obs_logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
         return _log_mean_exp(lw), lw.to(acc_dtype(lw.dtype))
 
     @staticmethod

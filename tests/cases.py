@@ -73,12 +73,12 @@ class Api:
              free_bits=0.0, z=None, **kw):
         if self.backend is None:
             if bound == "iwae":
-                loss = -R.iwae_bound(x, recon, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, **kw)
+                loss = -R.iwae_bound(recon, x, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, **kw)
             elif free_bits:
-                ll = R.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, **kw).log_likelihood
+                ll = R.elbo(recon, x, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, **kw).log_likelihood
                 loss = beta * R.free_bits_kl(mu, logvar, free_bits, kw.get("prior_mu"), kw.get("prior_logvar")) - ll
             else:
-                loss = -R.elbo(x, recon, mu, logvar, likelihood=likelihood, beta=beta, obs_logvar=obs_logvar,
+                loss = -R.elbo(recon, x, mu, logvar, likelihood=likelihood, beta=beta, obs_logvar=obs_logvar,
                                **kw).elbo
             return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
         mod = fastelbo.ELBOLoss(likelihood=likelihood, beta=beta, reduction=reduction, obs_logvar=obs_logvar,
@@ -277,7 +277,7 @@ def elbo_case(B, Dx, Dz, likelihood, obs, prior, beta, gen, **ranges):
     T, s, pkw, n_grad = _elbo_tensors(B, Dx, Dz, likelihood, obs, prior, gen, **ranges)
 
     def call(api, t):
-        return api.elbo(t["x"], t["recon"], t["mu"], t["logvar"], likelihood=likelihood, obs_logvar=s(t),
+        return api.elbo(t["recon"], t["x"], t["mu"], t["logvar"], likelihood=likelihood, obs_logvar=s(t),
                         beta=beta, **pkw(t))
 
     # elbo sums Dx + Dz terms, log-likelihood Dx, KL Dz.

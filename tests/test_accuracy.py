@@ -84,7 +84,7 @@ def test_elbo_loss_reduction_is_that_of_the_rows(fused, dtype):
     x = torch.rand(B, Dx, generator=gen).to(dtype).to(fused.device)
     recon = torch.randn(B, Dx, generator=gen).to(dtype).to(fused.device)
     mu, lv = (torch.randn(B, Dz, generator=gen).to(dtype).to(fused.device) for _ in range(2))
-    rows = F.elbo(x, recon, mu, lv, backend=fused.name).elbo
+    rows = F.elbo(recon, x, mu, lv, backend=fused.name).elbo
     for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum), ("none", lambda t: t)):
         loss = fastelbo.ELBOLoss(reduction=reduction, backend=fused.name)(recon, x, mu, lv)
         assert torch.equal(loss, reduce(-rows)), (reduction, loss, reduce(-rows))
@@ -117,7 +117,7 @@ def test_bernoulli_confident_binary_targets_relative_accuracy(fused, dtype):
     dev, be = fused.device, fused.name
     results = {
         "bernoulli_log_prob": F.bernoulli_log_prob(logits.to(dev), x.to(dev), backend=be),
-        "elbo": F.elbo(x.to(dev), logits.to(dev), torch.zeros(96, 1, dtype=dtype, device=dev),
+        "elbo": F.elbo(logits.to(dev), x.to(dev), torch.zeros(96, 1, dtype=dtype, device=dev),
                        torch.zeros(96, 1, dtype=dtype, device=dev), backend=be).log_likelihood,
     }
     rtol = TOL[dtype].rtol

@@ -70,14 +70,14 @@ def test_fallback_warns_once_and_matches_reference(broken_cpu_build, spy):
     assert torch.equal(kl, R.gaussian_kl(mu, lv))
     with warnings.catch_warnings():
         warnings.simplefilter("error", fastelbo.FallbackWarning)  # once per backend, not per call
-        terms = F.elbo(x, recon, mu, lv, backend="cpu")
+        terms = F.elbo(recon, x, mu, lv, backend="cpu")
         z = F.rsample(mu, lv, seed=9, backend="cpu")
         loss = fastelbo.ELBOLoss(backend="cpu")(recon, x, mu, lv)
     assert spy.calls[1:] == ["elbo", "rsample", "elbo"]
-    for a, b in zip(terms, R.elbo(x, recon, mu, lv)):
+    for a, b in zip(terms, R.elbo(recon, x, mu, lv)):
         assert torch.equal(a, b)
     assert torch.equal(z, R.rsample(mu, lv, seed=9))
-    assert torch.equal(loss, -R.elbo(x, recon, mu, lv).elbo.mean())
+    assert torch.equal(loss, -R.elbo(recon, x, mu, lv).elbo.mean())
 
 
 def test_auto_falls_back_too(broken_cpu_build, spy):
@@ -113,7 +113,7 @@ def test_env_backend(monkeypatch, spy, env, expect_reference):
     monkeypatch.setenv("FASTELBO_BACKEND", env)
     x, recon, mu, lv = _inputs()
     F.gaussian_kl(mu, lv)
-    F.elbo(x, recon, mu, lv)
+    F.elbo(recon, x, mu, lv)
     assert spy.calls == (["gaussian_kl", "elbo"] if expect_reference else [])
     # an explicit backend= wins over the environment
     spy.calls.clear()

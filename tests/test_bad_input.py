@@ -12,6 +12,7 @@ import torch
 import fastelbo
 from fastelbo import _backend
 from fastelbo import functional as F
+from fastelbo import reference as R
 
 B, DX, DZ = 3, 6, 4
 
@@ -43,25 +44,25 @@ CASES = [
     ("rsample-eps-shape", lambda: F.rsample(MU, LV, eps=_t(B, DZ + 2)), ValueError, r"\beps\b.*shape"),
     ("bernoulli-shape", lambda: F.bernoulli_log_prob(RECON, unit(B, DX + 1)), ValueError, r"\bx\b.*shape"),
     ("gaussian-shape", lambda: F.gaussian_log_prob(RECON, _t(B - 1, DX)), ValueError, r"\bx\b.*shape"),
-    ("elbo-x-shape", lambda: F.elbo(unit(B, DX + 1), RECON, MU, LV), ValueError, r"\bx\b.*shape"),
-    ("elbo-batch", lambda: F.elbo(X, RECON, _t(B + 1, DZ), _t(B + 1, DZ)), ValueError, r"\bmu\b.*batch"),
+    ("elbo-x-shape", lambda: F.elbo(RECON, unit(B, DX + 1), MU, LV), ValueError, r"\bx\b.*shape"),
+    ("elbo-batch", lambda: F.elbo(RECON, X, _t(B + 1, DZ), _t(B + 1, DZ)), ValueError, r"\bmu\b.*batch"),
     ("loss-batch", lambda: fastelbo.ELBOLoss()(RECON, X, _t(B + 2, DZ), _t(B + 2, DZ)), ValueError, r"\bmu\b.*batch"),
     # non-floating dtypes
     ("kl-int", lambda: F.gaussian_kl(MU.long(), LV.long()), TypeError, r"\bmu\b.*floating"),
     ("kl-int-logvar", lambda: F.gaussian_kl(MU, LV.int()), TypeError, r"\blogvar\b.*floating"),
     ("bernoulli-bool-x", lambda: F.bernoulli_log_prob(RECON, X > 0.5), TypeError, r"\bx\b.*floating"),
     ("rsample-int-eps", lambda: F.rsample(MU, LV, eps=MU.long()), TypeError, r"\beps\b.*floating"),
-    ("elbo-int-recon", lambda: F.elbo(X, RECON.long(), MU, LV), TypeError, r"\brecon\b.*floating"),
+    ("elbo-int-recon", lambda: F.elbo(RECON.long(), X, MU, LV), TypeError, r"\brecon\b.*floating"),
     # mixed dtypes
     ("kl-mixed", lambda: F.gaussian_kl(MU, LV.double()), TypeError, r"\blogvar\b.*dtype"),
     ("gaussian-mixed", lambda: F.gaussian_log_prob(RECON, X.double()), TypeError, r"\bx\b.*dtype"),
-    ("elbo-mixed", lambda: F.elbo(X, RECON, MU.double(), LV.double()), TypeError, r"\bmu\b.*dtype"),
-    ("elbo-mixed-x", lambda: F.elbo(X.half(), RECON, MU, LV), TypeError, r"\bx\b.*dtype"),
+    ("elbo-mixed", lambda: F.elbo(RECON, X, MU.double(), LV.double()), TypeError, r"\bmu\b.*dtype"),
+    ("elbo-mixed-x", lambda: F.elbo(RECON, X.half(), MU, LV), TypeError, r"\bx\b.*dtype"),
     ("prior-mixed", lambda: F.gaussian_kl(MU, LV, _t(DZ, dtype=torch.float64)), TypeError, r"\bprior_mu\b.*dtype"),
     # mixed devices (a meta tensor stands for another device)
     ("kl-device", lambda: F.gaussian_kl(MU, META), ValueError, r"\blogvar\b.*device"),
     ("rsample-device", lambda: F.rsample(MU, LV, eps=META), ValueError, r"\beps\b.*device"),
-    ("elbo-device", lambda: F.elbo(X, RECON, META, META), ValueError, r"\bmu\b.*device"),
+    ("elbo-device", lambda: F.elbo(RECON, X, META, META), ValueError, r"\bmu\b.*device"),
     ("prior-device", lambda: F.gaussian_kl(MU, LV, torch.empty(DZ, device="meta")), ValueError,
      r"\bprior_mu\b.*device"),
     ("cpu-backend-on-meta", lambda: F.gaussian_kl(META, META, backend="cpu"), ValueError, r"backend.*cpu"),
@@ -77,10 +78,10 @@ CASES = [
     # x outside [0, 1] for Bernoulli
     ("bernoulli-x>1", lambda: F.bernoulli_log_prob(RECON, X + 1.5), ValueError, r"\bx\b.*\[0, 1\]"),
     ("bernoulli-x<0", lambda: F.bernoulli_log_prob(RECON, X - 1.5), ValueError, r"\bx\b.*\[0, 1\]"),
-    ("elbo-x>1", lambda: F.elbo(X * 3, RECON, MU, LV), ValueError, r"\bx\b.*\[0, 1\]"),
+    ("elbo-x>1", lambda: F.elbo(RECON, X * 3, MU, LV), ValueError, r"\bx\b.*\[0, 1\]"),
     ("loss-x<0", lambda: fastelbo.ELBOLoss()(RECON, -X, MU, LV), ValueError, r"\bx\b.*\[0, 1\]"),
     # unknown names
-    ("elbo-likelihood", lambda: F.elbo(X, RECON, MU, LV, likelihood="poisson"), ValueError, r"\blikelihood\b"),
+    ("elbo-likelihood", lambda: F.elbo(RECON, X, MU, LV, likelihood="poisson"), ValueError, r"\blikelihood\b"),
     ("loss-likelihood", lambda: fastelbo.ELBOLoss(likelihood="laplace"), ValueError, r"\blikelihood\b"),
     ("loss-reduction", lambda: fastelbo.ELBOLoss(reduction="avg"), ValueError, r"\breduction\b"),
     ("backend-name", lambda: F.gaussian_kl(MU, LV, backend="gpu"), ValueError, r"\bbackend\b"),
@@ -92,11 +93,11 @@ CASES = [
     ("prior-lv-3d", lambda: F.gaussian_kl(MU, LV, None, _t(1, B, DZ)), ValueError, r"\bprior_logvar\b.*shape"),
     ("prior-int", lambda: F.gaussian_kl(MU, LV, torch.zeros(DZ, dtype=torch.long)), TypeError, r"\bprior_mu\b"),
     ("prior-str", lambda: F.gaussian_kl(MU, LV, "zero"), TypeError, r"\bprior_mu\b"),
-    ("elbo-prior-shape", lambda: F.elbo(X, RECON, MU, LV, prior_mu=_t(DX)), ValueError, r"\bprior_mu\b"),
+    ("elbo-prior-shape", lambda: F.elbo(RECON, X, MU, LV, prior_mu=_t(DX)), ValueError, r"\bprior_mu\b"),
     ("gaussian-logvar-shape", lambda: F.gaussian_log_prob(RECON, X, _t(DX + 1)), ValueError, r"\blogvar\b.*shape"),
-    ("obs-shape", lambda: F.elbo(X, RECON, MU, LV, likelihood="gaussian", obs_logvar=_t(DZ)), ValueError,
+    ("obs-shape", lambda: F.elbo(RECON, X, MU, LV, likelihood="gaussian", obs_logvar=_t(DZ)), ValueError,
      r"\bobs_logvar\b"),
-    ("obs-with-bernoulli", lambda: F.elbo(X, RECON, MU, LV, obs_logvar=0.5), ValueError, r"\bobs_logvar\b"),
+    ("obs-with-bernoulli", lambda: F.elbo(RECON, X, MU, LV, obs_logvar=0.5), ValueError, r"\bobs_logvar\b"),
     # bad seeds / generators / eps combinations
     ("seed-float", lambda: F.rsample(MU, LV, seed=1.5), TypeError, r"\bseed\b"),
     ("seed-str", lambda: F.rsample(MU, LV, seed="7"), TypeError, r"\bseed\b"),
@@ -110,11 +111,11 @@ CASES = [
     ("eps-and-seed", lambda: F.rsample(MU, LV, seed=1, eps=MU), ValueError, r"\beps\b.*\bseed\b"),
     ("generator-type", lambda: F.rsample(MU, LV, generator=42), TypeError, r"\bgenerator\b"),
     # scalars
-    ("beta-str", lambda: F.elbo(X, RECON, MU, LV, beta="1"), TypeError, r"\bbeta\b"),
+    ("beta-str", lambda: F.elbo(RECON, X, MU, LV, beta="1"), TypeError, r"\bbeta\b"),
     ("beta-bool", lambda: fastelbo.ELBOLoss(beta=True), TypeError, r"\bbeta\b"),
     ("validate-args-type", lambda: fastelbo.set_default_validate_args(1), TypeError, r"validate_args"),
-    ("beta-nan", lambda: F.elbo(X, RECON, MU, LV, beta=NAN), ValueError, r"\bbeta\b.*finite.*nan"),
-    ("beta-inf", lambda: F.elbo(X, RECON, MU, LV, beta=-INF), ValueError, r"\bbeta\b.*finite.*-inf"),
+    ("beta-nan", lambda: F.elbo(RECON, X, MU, LV, beta=NAN), ValueError, r"\bbeta\b.*finite.*nan"),
+    ("beta-inf", lambda: F.elbo(RECON, X, MU, LV, beta=-INF), ValueError, r"\bbeta\b.*finite.*-inf"),
     ("loss-beta-inf", lambda: fastelbo.ELBOLoss(beta=INF), ValueError, r"\bbeta\b.*finite"),
     ("loss-beta-numpy-nan", lambda: fastelbo.ELBOLoss(beta=np.float32("nan")), ValueError, r"\bbeta\b.*finite"),
     # non-finite NUMBERS as priors / log-variances (values inside tensors propagate as NaN, unchecked)
@@ -122,13 +123,13 @@ CASES = [
     ("kl-prior-lv-ninf", lambda: F.gaussian_kl(MU, LV, None, -INF), ValueError, r"\bprior_logvar\b.*finite.*-inf"),
     ("kl-prior-huge-int", lambda: F.gaussian_kl(MU, LV, 10**400), ValueError, r"\bprior_mu\b.*finite"),
     ("free-bits-prior-inf", lambda: F.free_bits_kl(MU, LV, 0.1, INF), ValueError, r"\bprior_mu\b.*finite"),
-    ("elbo-prior-lv-nan", lambda: F.elbo(X, RECON, MU, LV, prior_logvar=NAN), ValueError,
+    ("elbo-prior-lv-nan", lambda: F.elbo(RECON, X, MU, LV, prior_logvar=NAN), ValueError,
      r"\bprior_logvar\b.*finite"),
-    ("iwae-prior-mu-ninf", lambda: F.iwae_bound(X, RECON[None], MU[None], MU, LV, prior_mu=-INF), ValueError,
+    ("iwae-prior-mu-ninf", lambda: F.iwae_bound(RECON[None], X, MU[None], MU, LV, prior_mu=-INF), ValueError,
      r"\bprior_mu\b.*finite"),
     ("loss-prior-lv-inf", lambda: fastelbo.ELBOLoss()(RECON, X, MU, LV, prior_logvar=INF), ValueError,
      r"\bprior_logvar\b.*finite"),
-    ("elbo-obs-logvar-nan", lambda: F.elbo(X, RECON, MU, LV, likelihood="gaussian", obs_logvar=NAN), ValueError,
+    ("elbo-obs-logvar-nan", lambda: F.elbo(RECON, X, MU, LV, likelihood="gaussian", obs_logvar=NAN), ValueError,
      r"\bobs_logvar\b.*finite"),
     ("gaussian-logvar-inf", lambda: F.gaussian_log_prob(RECON, X, INF), ValueError, r"\blogvar\b.*finite"),
     # validate_args: None or a bool (a string or 0/1 would be read by truthiness)
@@ -136,10 +137,10 @@ CASES = [
      r"validate_args must be a bool or None; got str"),
     ("validate-args-zero", lambda: F.bernoulli_log_prob(RECON, X * 3, validate_args=0), TypeError,
      r"validate_args must be a bool or None; got int"),
-    ("elbo-validate-args-int", lambda: F.elbo(X, RECON, MU, LV, validate_args=1), TypeError, r"validate_args.*int"),
-    ("elbo-gaussian-validate-args", lambda: F.elbo(X, RECON, MU, LV, likelihood="gaussian", validate_args="no"),
+    ("elbo-validate-args-int", lambda: F.elbo(RECON, X, MU, LV, validate_args=1), TypeError, r"validate_args.*int"),
+    ("elbo-gaussian-validate-args", lambda: F.elbo(RECON, X, MU, LV, likelihood="gaussian", validate_args="no"),
      TypeError, r"validate_args.*str"),
-    ("iwae-validate-args", lambda: F.iwae_bound(X, RECON[None], MU[None], MU, LV, validate_args=np.bool_(True)),
+    ("iwae-validate-args", lambda: F.iwae_bound(RECON[None], X, MU[None], MU, LV, validate_args=np.bool_(True)),
      TypeError, r"validate_args must be a bool or None; got numpy\.bool"),
     ("loss-validate-args", lambda: fastelbo.ELBOLoss(validate_args="false"), TypeError, r"validate_args.*str"),
     # ELBOLoss checks every argument it keeps when it is built
@@ -155,13 +156,30 @@ CASES = [
     ("num-samples-bytes", lambda: F.rsample(MU[:1, :1].double(), LV[:1, :1].double(), num_samples=2**60, seed=0),
      ValueError, r"num_samples is too large .*z of shape \[1152921504606846976, 1, 1\] \(9223372036854775808 bytes\)"),
     ("seed-numpy-bool", lambda: F.rsample(MU, LV, seed=np.bool_(True)), TypeError, r"\bseed\b"),
+    # issue 21's leftovers: each names its argument (these raised OverflowError, nothing, or too late)
+    ("free-bits-huge-int", lambda: F.free_bits_kl(MU, LV, 10**400), ValueError,
+     r"^free_bits must be a finite number >= 0 .*; got an int of 401 digits$"),
+    ("loss-free-bits-huge-int", lambda: fastelbo.ELBOLoss(free_bits=10**400), ValueError, r"\bfree_bits\b.*finite"),
+    ("reference-rsample-num-samples-0", lambda: R.rsample(MU, LV, num_samples=0, seed=0), ValueError,
+     r"num_samples must be >= 1; got 0"),
+    ("reference-rsample-num-samples-float", lambda: R.rsample(MU, LV, num_samples=2.0, seed=0), TypeError,
+     r"num_samples must be an int or None; got float"),
+    ("reference-rsample-num-samples-2**62", lambda: R.rsample(MU, LV, num_samples=2**62, seed=0), ValueError,
+     r"num_samples is too large"),
+    ("loss-obs-logvar-nan-at-construction", lambda: fastelbo.ELBOLoss(likelihood="gaussian", obs_logvar=NAN),
+     ValueError, r"\bobs_logvar\b.*finite.*nan"),
+    ("loss-obs-logvar-inf-at-construction", lambda: fastelbo.ELBOLoss(likelihood="gaussian", obs_logvar=-INF),
+     ValueError, r"\bobs_logvar\b.*finite"),
+    ("chunk-size-too-large", lambda: fastelbo.estimate_log_likelihood((lambda x: (MU, LV), lambda z: z), X, K=2**62,
+                                                                      chunk_size=2**62, seed=0),
+     ValueError, r"^estimate_log_likelihood: chunk_size=4611686018427387904 samples per chunk is too large"),
 ]
 
 
 if torch.cuda.is_available():  # a real second device where there is one
     CASES += [
         ("kl-cuda-cpu", lambda: F.gaussian_kl(MU.cuda(), LV), ValueError, r"\blogvar\b.*device"),
-        ("elbo-cuda-cpu", lambda: F.elbo(X, RECON, MU.cuda(), LV.cuda()), ValueError, r"\bmu\b.*device"),
+        ("elbo-cuda-cpu", lambda: F.elbo(RECON, X, MU.cuda(), LV.cuda()), ValueError, r"\bmu\b.*device"),
     ]
 
 
@@ -206,7 +224,7 @@ def _bern_calls(backend, device):
     mu, lv = MU.to(device), LV.to(device)
     return {
         "bernoulli_log_prob": lambda **kw: F.bernoulli_log_prob(logits, x, backend=backend, **kw),
-        "elbo": lambda **kw: F.elbo(x, logits, mu, lv, backend=backend, **kw),
+        "elbo": lambda **kw: F.elbo(logits, x, mu, lv, backend=backend, **kw),
         "ELBOLoss": lambda **kw: fastelbo.ELBOLoss(backend=backend, **kw)(logits, x, mu, lv),
     }
 
@@ -258,7 +276,7 @@ def test_bernoulli_range_check_anywhere_in_a_row(fused, dtype, where):
         with pytest.raises(ValueError, match=r"\bx\b.*\[0, 1\]"):
             F.bernoulli_log_prob(logits, x, backend=fused.name)
         with pytest.raises(ValueError, match=r"\bx\b.*\[0, 1\]"):
-            F.elbo(x, logits, MU[:1].expand(rows, DZ).to(fused.device, dtype),
+            F.elbo(logits, x, MU[:1].expand(rows, DZ).to(fused.device, dtype),
                    LV[:1].expand(rows, DZ).to(fused.device, dtype), backend=fused.name)
     x = unit(rows, cols).to(device=fused.device, dtype=dtype)
     x[2, col] = float("nan")
@@ -307,7 +325,7 @@ def test_empty_batch(fused):
     assert F.bernoulli_log_prob(recon, x, backend=be).shape == (0,)
     assert F.gaussian_log_prob(recon, x, torch.zeros(DX, device=d), backend=be).shape == (0,)
     for likelihood in ("bernoulli", "gaussian"):
-        terms = F.elbo(x, recon, mu, lv, likelihood=likelihood, backend=be)
+        terms = F.elbo(recon, x, mu, lv, likelihood=likelihood, backend=be)
         assert [t.shape for t in terms] == [(0,)] * 3
         none = fastelbo.ELBOLoss(likelihood, reduction="none", backend=be)(recon, x, mu, lv)
         total = fastelbo.ELBOLoss(likelihood, reduction="sum", backend=be)(recon, x, mu, lv)

@@ -75,7 +75,7 @@ def elbo_k_case(K, B, Dx, Dz, variant, beta, gen):
     n_grad = {k: (v // K if k in ("mu", "logvar", "prior_mu", "prior_logvar") else v) for k, v in n_grad.items()}
 
     def call(api, t):
-        return api.elbo(t["x"], t["recon"], t["mu"], t["logvar"], likelihood=likelihood, obs_logvar=s(t), beta=beta,
+        return api.elbo(t["recon"], t["x"], t["mu"], t["logvar"], likelihood=likelihood, obs_logvar=s(t), beta=beta,
                         **pkw(t))
 
     return Case(T, tuple(T), call, n_out=(Dx + Dz, Dx, Dz), n_grad=n_grad)
@@ -86,7 +86,7 @@ def iwae_case(K, B, Dx, Dz, variant, gen, **ranges):
     T, s, pkw, n_grad = _sample_tensors(K, B, Dx, Dz, likelihood, obs, prior, gen, **ranges)
 
     def call(api, t):
-        return api.iwae_bound(t["x"], t["recon"], t["z"], t["mu"], t["logvar"], likelihood=likelihood,
+        return api.iwae_bound(t["recon"], t["x"], t["z"], t["mu"], t["logvar"], likelihood=likelihood,
                               obs_logvar=s(t), **pkw(t))
 
     return Case(T, tuple(T), call, n_out=(Dx + 2 * Dz,), n_grad=n_grad, grads_baseline_rule=True)
@@ -259,8 +259,8 @@ def test_iwae_one_sample_is_the_single_sample_elbo(fused):
     x, mu, lv = x.to(dev), mu.to(dev), lv.to(dev)
     z = F.rsample(mu, lv, num_samples=1, seed=77, backend=be)
     recon = randn((1, B, Dx), gen, 2.0).double().to(dev)
-    iwae = F.iwae_bound(x, recon, z, mu, lv, backend=be)
-    ll = F.elbo(x, recon[0], mu, lv, backend=be).log_likelihood
+    iwae = F.iwae_bound(recon, x, z, mu, lv, backend=be)
+    ll = F.elbo(recon[0], x, mu, lv, backend=be).log_likelihood
     q = torch.distributions.Normal(mu.cpu(), torch.exp(0.5 * lv.cpu()))
     p = torch.distributions.Normal(torch.zeros_like(mu.cpu()), torch.ones_like(mu.cpu()))
     mc_kl = (q.log_prob(z[0].cpu()) - p.log_prob(z[0].cpu())).sum(-1)
@@ -275,9 +275,9 @@ def test_iwae_one_sample_averages_to_the_elbo():
     mu, lv = randn((1, Dz), gen).double().expand(N, Dz), rand((1, Dz), gen, -1, 0.5).double().expand(N, Dz)
     W = randn((Dz, Dx), gen).double()
     z = F.rsample(mu.contiguous(), lv.contiguous(), num_samples=1, seed=5)
-    bounds = F.iwae_bound(x, z @ W, z, mu, lv)
+    bounds = F.iwae_bound(z @ W, x, z, mu, lv)
     # The ELBO of a linear decoder, its expected log-likelihood by the same N samples' law: compare means.
-    ll = F.elbo(x, (z @ W)[0], mu, lv).log_likelihood
+    ll = F.elbo((z @ W)[0], x, mu, lv).log_likelihood
     d = bounds - (ll - F.gaussian_kl(mu, lv))  # analytic KL - Monte Carlo KL: mean 0 (a wrong term biases it)
     assert abs(d.mean()) < 4 * d.std() / math.sqrt(N), (d.mean(), d.std())
 
@@ -292,7 +292,7 @@ def test_iwae_grows_with_k():
     means = []
     for K in (1, 5, 50):
         z = F.rsample(mu, lv, num_samples=K, seed=K)
-        means.append(float(F.iwae_bound(x, z @ W, z, mu, lv).mean()))
+        means.append(float(F.iwae_bound(z @ W, x, z, mu, lv).mean()))
     assert means[0] < means[1] < means[2], means
 
 
@@ -413,8 +413,8 @@ def test_elbo_samples_average_per_sample_elbos(fused):
     x, recon = rand((B, Dx), gen, 0, 1).double(), randn((K, B, Dx), gen, 2.0).double()
     mu, lv = randn((B, Dz), gen).double(), rand((B, Dz), gen).double()
     args = [t.to(fused.device) for t in (x, recon, mu, lv)]
-    together = F.elbo(args[0], args[1], args[2], args[3], beta=0.3, backend=fused.name)
-    apart = [F.elbo(args[0], args[1][k], args[2], args[3], beta=0.3, backend=fused.name) for k in range(K)]
+    together = F.elbo(args[1], args[0], args[2], args[3], beta=0.3, backend=fused.name)
+    apart = [F.elbo(args[1][k], args[0], args[2], args[3], beta=0.3, backend=fused.name) for k in range(K)]
     for field in range(3):
         torch.testing.assert_close(together[field], torch.stack([a[field] for a in apart]).mean(0), rtol=1e-12,
                                    atol=1e-12)
@@ -444,7 +444,7 @@ def test_per_feature_obs_logvar_gradient_has_its_shape(fused, K):
     ds = grads[4].cpu()
     assert ds.shape == (1, Dx)
     s_leaf = s.clone().requires_grad_()
-    R.elbo(x, recon, mu, lv, likelihood="gaussian", obs_logvar=s_leaf).elbo.sum().backward()
+    R.elbo(recon, x, mu, lv, likelihood="gaussian", obs_logvar=s_leaf).elbo.sum().backward()
     torch.testing.assert_close(ds, s_leaf.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -476,7 +476,7 @@ def test_learned_obs_logvar_trains(fused):
     mu, lv = randn((B, Dz), gen).double().to(fused.device), rand((B, Dz), gen).double().to(fused.device)
     fastelbo.ELBOLoss("gaussian", obs_logvar=s, backend=fused.name)(recon, x, mu, lv).backward()
     s_ref = s.detach().cpu().clone().requires_grad_()
-    (-R.elbo(x.cpu(), recon.cpu(), mu.cpu(), lv.cpu(), likelihood="gaussian", obs_logvar=s_ref).elbo.mean()).backward()
+    (-R.elbo(recon.cpu(), x.cpu(), mu.cpu(), lv.cpu(), likelihood="gaussian", obs_logvar=s_ref).elbo.mean()).backward()
     assert s.grad.shape == (Dx,)
     torch.testing.assert_close(s.grad.cpu(), s_ref.grad, rtol=1e-12, atol=1e-12)
 
@@ -519,7 +519,7 @@ def test_iwae_bad_input(case):
     elif case == "empty_k":
         args["recon"], args["z"] = recon[:0], z[:0]
     with pytest.raises(expect[0], match=expect[1]):
-        F.iwae_bound(args["x"], args["recon"], args["z"], args["mu"], args["logvar"], backend="cpu")
+        F.iwae_bound(args["recon"], args["x"], args["z"], args["mu"], args["logvar"], backend="cpu")
 
 
 @pytest.mark.parametrize("value,exc,match", [(-0.1, ValueError, "free_bits must be a finite number >= 0"),
@@ -555,9 +555,9 @@ def test_rsample_eps_must_match_num_samples():
 def test_elbo_samples_bad_input():
     x, mu, lv = torch.rand(4, 6), torch.randn(4, 2), torch.randn(4, 2)
     with pytest.raises(ValueError, match=r"recon must have shape \[K, B, Dx\] with \[B, Dx\] = x's \[4, 6\]"):
-        F.elbo(x, torch.randn(3, 5, 6), mu, lv)
+        F.elbo(torch.randn(3, 5, 6), x, mu, lv)
     with pytest.raises(ValueError, match=r"recon must be 2-D"):
-        F.elbo(x, torch.randn(2, 3, 4, 6), mu, lv)
+        F.elbo(torch.randn(2, 3, 4, 6), x, mu, lv)
 
 
 def test_loss_bound_bad_input():

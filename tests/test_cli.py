@@ -17,7 +17,7 @@ from fastelbo import _build, reference
 from fastelbo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--batch", "8", "--x-dim", "50", "--z-dim", "6"]  # odd sizes, fast
+SMALL = ["--shape", "8x50x6"]  # odd sizes, fast
 OPS = ("rsample", "gaussian_kl", "gaussian_kl (prior)", "bernoulli_log_prob", "gaussian_log_prob",
        "elbo (bernoulli)", "elbo (gaussian)", "rsample (K=4)", "elbo (K=4 samples)", "iwae_bound (K=4)", "free_bits_kl")
 
@@ -50,7 +50,9 @@ def test_no_command_prints_help_and_exits_2(capsys):
 
 @pytest.mark.parametrize("argv", [["--bogus"], ["nosuch"], ["check", "--bogus"], ["check", "--dtype", "int8"],
                                   ["check", "--device", "tpu"], ["check", "--backend", "reference"],
-                                  ["build", "--bogus"], ["info", "extra"]])
+                                  ["build", "--bogus"], ["info", "extra"], ["check", "--shape", "8x50"],
+                                  ["check", "--dtype", "float32,int8"], ["bench", "--device", "tpu"],
+                                  ["bench", "--dtype", "float8"]])
 def test_bad_arguments_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -148,7 +150,7 @@ def test_check_fails_on_a_wrong_result(capsys, monkeypatch):
 
 # The IWAE gradients at Dx = 784 are ill-conditioned in float32 (tolerance rule in check.py): there
 # the old per-value 1e-4 failed the correct C++ kernels on 3 of 20 seeds (2, 3 and 5) at this shape.
-ILL_CONDITIONED = ["--batch", "16", "--x-dim", "784", "--z-dim", "32"]
+ILL_CONDITIONED = ["--shape", "16x784x32"]
 SEEDS = range(20)
 
 
@@ -252,6 +254,54 @@ def test_check_build_failure_exits_1(capsys, monkeypatch):
     assert "install g++" in out
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastelbo {fastelbo.__version__}"
+
+
+def _options(command: str) -> dict:
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(f"fastelbo.commands.{command}").add_arguments(parser)
+    return {s: a for a in parser._actions for s in a.option_strings}
+
+
+def test_check_and_bench_share_option_names_and_forms():
+    # Issue 21: check --dtype took one dtype, bench --dtypes a list; check --batch/--x-dim/--z-dim against
+    # bench --shapes BxDxxDz; bench --device free text against check's choices.
+    check, bench = _options("check"), _options("bench")
+    for name in ("--dtype", "--dtypes", "--shape", "--shapes", "--device"):
+        assert name in check and name in bench, name
+        assert check[name].dest == bench[name].dest and check[name].metavar == bench[name].metavar, name
+    assert check["--device"].choices == bench["--device"].choices == ("auto", "cpu", "cuda")
+    assert check["--device"].default == bench["--device"].default == "auto"
+    for hidden in ("--batch", "--x-dim", "--z-dim"):  # 0.1's spelling still parses, not advertised
+        assert check[hidden].help == "==SUPPRESS=="
+
+
+def test_check_takes_lists_of_dtypes_and_shapes(capsys):
+    code, out, err = run_cli(capsys, "check", "--backend", "cpu", "--device", "cpu", "--dtype", "float32,float64",
+                             "--shape", "8x50x6,3x7x2")
+    assert code == 0, out + err
+    heads = [ln for ln in out.splitlines() if ln.startswith("fastelbo check: dtype")]
+    assert [h.split(",")[0] for h in heads] == ["fastelbo check: dtype float32"] * 2 + ["fastelbo check: dtype float64"] * 2
+    assert "shape 8x50x6" in heads[0] and "shape 3x7x2" in heads[1]
+    assert "FAIL" not in out
+
+
+def test_check_old_size_options_still_work(capsys):
+    code, out, err = run_cli(capsys, "check", "--backend", "cpu", "--device", "cpu", "--batch", "8", "--x-dim", "50",
+                             "--z-dim", "6")
+    assert code == 0, out + err
+    assert "shape 8x50x6" in out
+    code, _, err = run_cli(capsys, "check", "--shape", "8x50x6", "--batch", "3")
+    assert code == 2 and "not --shape with --batch" in err
+
+
 # ---------------------------------------------------------------------------
 # info
 # ---------------------------------------------------------------------------
@@ -261,6 +311,11 @@ def test_info(capsys):
     for needle in (fastelbo.__version__, torch.__version__, str(_build.cache_root()), "triton", "numpy", "nvcc",
                    "compiler", "CPU"):
         assert needle in out, needle
+    # the ninja that builds (issue 21: info named the environment's even when another one built)
+    from fastelbo import _toolchain
+
+    ninja_line = next(ln for ln in out.splitlines() if ln.startswith("ninja"))
+    assert str(_toolchain.ninja().path) in ninja_line and _toolchain.ninja().version in ninja_line
     rows = table_rows(out)
     assert {(r[0], r[1]) for r in rows} == {(b, d) for b in ("cpu", "triton", "cuda", "reference")
                                            for d in ("cpu", "cuda")}

@@ -134,7 +134,7 @@ def test_every_op_fullgraph_aot_eager(fused):
         kl = F.gaussian_kl(mu, lv, pmu, None, backend=be)
         bern = F.bernoulli_log_prob(recon, x, backend=be)
         gauss = F.gaussian_log_prob(recon, x, s, backend=be)
-        terms = F.elbo(x, recon, mu, lv, likelihood="gaussian", obs_logvar=s, prior_mu=pmu, beta=0.5, backend=be)
+        terms = F.elbo(recon, x, mu, lv, likelihood="gaussian", obs_logvar=s, prior_mu=pmu, beta=0.5, backend=be)
         loss = fastelbo.ELBOLoss(backend=be)(recon, x, mu, lv)
         return z, z_default, kl, bern, gauss, *terms, loss
 

@@ -119,8 +119,8 @@ def test_posterior_gap_matches_reference(fused, dtype, likelihood):
     kw = dict(likelihood=likelihood, prior_mu=0.2, obs_logvar=-0.3 if likelihood == "gaussian" else None)
     dev = fused.device
     out = D.posterior_gap(x.to(dev), recon.to(dev), z.to(dev), mu.to(dev), logvar.to(dev), backend=fused.name, **kw)
-    iwae = R.iwae_bound(x, recon, z, mu, logvar, **kw)
-    elbo = R.elbo(x, recon, mu, logvar, **kw).elbo
+    iwae = R.iwae_bound(recon, x, z, mu, logvar, **kw)
+    elbo = R.elbo(recon, x, mu, logvar, **kw).elbo
     assert_close(out.iwae, iwae, n=Dx + 2 * Dz, name="iwae")
     assert_close(out.elbo, elbo, n=Dx + Dz, name="elbo")
     d = (iwae - elbo).double()

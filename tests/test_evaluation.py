@@ -79,7 +79,7 @@ def test_one_chunk_is_the_iwae_bound_of_that_seed():
                                            seed=42, backend="cpu")
     mu, lv = model.encode(x)
     z = fastelbo.rsample(mu, lv, num_samples=K, seed=42, backend="cpu")
-    bound = fastelbo.iwae_bound(x, model.decode(z), z, mu, lv, likelihood="gaussian", obs_logvar=-0.3, backend="cpu")
+    bound = fastelbo.iwae_bound(model.decode(z), x, z, mu, lv, likelihood="gaussian", obs_logvar=-0.3, backend="cpu")
     torch.testing.assert_close(est, bound, rtol=1e-12, atol=1e-12)
 
 
@@ -93,7 +93,7 @@ def test_chunks_fold_into_one_log_sum_exp():
     lw = []
     for c, k in enumerate((4, 4, 2)):
         z = fastelbo.rsample(mu, lv, num_samples=k, seed=5 + c, backend="cpu")
-        lw.append(fastelbo.reference.iwae_log_weights(x, model.decode(z), z, mu, lv, likelihood="gaussian",
+        lw.append(fastelbo.reference.iwae_log_weights(model.decode(z), x, z, mu, lv, likelihood="gaussian",
                                                       obs_logvar=0.1))
     torch.testing.assert_close(est, torch.logsumexp(torch.cat(lw), 0) - math.log(10), rtol=1e-12, atol=1e-12)
 

@@ -50,17 +50,17 @@ CASES = {
                           lambda be, mean, x, lv: fastelbo.gaussian_log_prob(mean, x, lv, backend=be)),
     "elbo": ((lambda g: rand((B, DX), g, 0, 1), lambda g: randn((B, DX), g, 2.0), lambda g: randn((B, DZ), g),
               lambda g: rand((B, DZ), g, -1, 1)),
-             lambda be, x, recon, mu, lv: fastelbo.elbo(x, recon, mu, lv, beta=0.7, backend=be).elbo),
+             lambda be, x, recon, mu, lv: fastelbo.elbo(recon, x, mu, lv, beta=0.7, backend=be).elbo),
     "elbo_gaussian_k": ((lambda g: randn((B, DX), g), lambda g: randn((K, B, DX), g), lambda g: randn((B, DZ), g),
                          lambda g: rand((B, DZ), g, -1, 1), lambda g: rand((DX,), g, -1, 1),
                          lambda g: randn((DZ,), g)),
                         lambda be, x, recon, mu, lv, obs, pm: _terms(fastelbo.elbo(
-                            x, recon, mu, lv, likelihood="gaussian", obs_logvar=obs, prior_mu=pm, beta=0.5,
+                            recon, x, mu, lv, likelihood="gaussian", obs_logvar=obs, prior_mu=pm, beta=0.5,
                             backend=be))),
     "iwae_bound": ((lambda g: randn((B, DX), g), lambda g: randn((K, B, DX), g), lambda g: randn((K, B, DZ), g),
                     lambda g: randn((B, DZ), g), lambda g: rand((B, DZ), g, -1, 1), lambda g: rand((DX,), g, -1, 1)),
                    lambda be, x, recon, z, mu, lv, obs: fastelbo.iwae_bound(
-                       x, recon, z, mu, lv, likelihood="gaussian", obs_logvar=obs, backend=be)),
+                       recon, x, z, mu, lv, likelihood="gaussian", obs_logvar=obs, backend=be)),
     "free_bits_kl": ((lambda g: randn((B, DZ), g), lambda g: rand((B, DZ), g, -1, 1)),
                      lambda be, mu, lv: fastelbo.free_bits_kl(mu, lv, 0.4, backend=be)),
     "loss_free_bits": ((lambda g: randn((B, DX), g, 2.0), lambda g: rand((B, DX), g, 0, 1), lambda g: randn((B, DZ), g),
@@ -192,7 +192,7 @@ def test_vmap_bernoulli_range_check_still_raises(fused):
         with pytest.raises(ValueError, match="x must lie in"):
             vmap(lambda lg, t: fastelbo.bernoulli_log_prob(lg, t, backend=be))(logits, x)
         with pytest.raises(ValueError, match="x must lie in"):
-            vmap(vmap(lambda lg, t: fastelbo.elbo(t, lg, lg[:, :2], lg[:, :2], backend=be).elbo))(
+            vmap(vmap(lambda lg, t: fastelbo.elbo(lg, t, lg[:, :2], lg[:, :2], backend=be).elbo))(
                 torch.stack([logits, logits]), torch.stack([x * 0.5, x]))
         vmap(lambda lg, t: fastelbo.bernoulli_log_prob(lg, t, backend=be, validate_args=False))(logits, x)
 

@@ -70,13 +70,13 @@ def test_loss_under_autocast_matches_reference(fused, device, dtype, likelihood)
     leaves = [t.clone().requires_grad_() for t in (recon, mu, logvar)]
     kwargs = dict(likelihood=likelihood, obs_logvar=obs_logvar)
     with torch.autocast(device, dtype=dtype):
-        fused_out = fastelbo.elbo(x, *leaves, backend=fused.name, **kwargs).elbo
-        ref_out = reference.elbo(x, *leaves, **kwargs).elbo
+        fused_out = fastelbo.elbo(leaves[0], x, *leaves[1:], backend=fused.name, **kwargs).elbo
+        ref_out = reference.elbo(leaves[0], x, *leaves[1:], **kwargs).elbo
     assert fused_out.dtype == torch.float32, "autocast runs fastelbo's ops in float32, like torch's losses"
 
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     obs64 = None if obs_logvar is None else obs_logvar.double()
-    truth = reference.elbo(x.double(), *leaves64, likelihood=likelihood, obs_logvar=obs64).elbo
+    truth = reference.elbo(leaves64[0], x.double(), *leaves64[1:], likelihood=likelihood, obs_logvar=obs64).elbo
 
     assert_close(fused_out, truth.float(), n=DX, name="elbo under autocast vs float64")
     scale = max(1.0, truth.abs().max().item())
@@ -107,7 +107,7 @@ def test_training_step_under_autocast(device, dtype):
                 loss = fastelbo.ELBOLoss()(dec(z), x, mu, logvar)
             else:
                 z = reference.rsample(mu, logvar, seed=3)
-                loss = -reference.elbo(x, dec(z), mu, logvar).elbo.mean()
+                loss = -reference.elbo(dec(z), x, mu, logvar).elbo.mean()
         assert loss.dtype == torch.float32
         if impl == "fused":
             assert z.dtype == torch.float32
@@ -151,9 +151,9 @@ def test_autocast_one_dtype_still_float32():
     """Inside autocast even all-bfloat16 inputs run in float32 (one rule, whatever the mix)."""
     x, recon, mu, logvar = (torch.rand(B, d, dtype=torch.bfloat16) for d in (DX, DX, DZ, DZ))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fastelbo.elbo(x, recon, mu, logvar)
+        out = fastelbo.elbo(recon, x, mu, logvar)
     assert all(t.dtype == torch.float32 for t in out)
-    assert_close(out.elbo, reference.elbo(x.float(), recon.float(), mu.float(), logvar.float()).elbo, n=DX,
+    assert_close(out.elbo, reference.elbo(recon.float(), x.float(), mu.float(), logvar.float()).elbo, n=DX,
                  name="elbo")
 
 

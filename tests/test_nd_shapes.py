@@ -159,7 +159,7 @@ def elbo_nd_case(ndim, likelihood, layout, gen, K=None, loss=None):
             kw["prior_mu"] = t["prior_mu"]
         if loss is not None:
             return api.loss(recon, x, mu, lv, beta=0.7, reduction=loss, **kw)
-        return api.elbo(x, recon, mu, lv, beta=0.7, **kw)
+        return api.elbo(recon, x, mu, lv, beta=0.7, **kw)
 
     Dx, Dz = math.prod(xs[1:]), math.prod(zs[1:])
     n_grad = {"prior_mu": xs[0] * math.prod(zs[2:]), "s": (K or 1) * xs[0] * math.prod(xs[2:])}
@@ -178,10 +178,10 @@ def iwae_nd_case(ndim, likelihood, layout, gen, K=3):
 
     def call(api, t):
         if api.backend is None:
-            return api.iwae_bound(_flat(t["x"]), _flat(t["recon"], 2), _flat(t["z"], 2), _flat(t["mu"]),
+            return api.iwae_bound(_flat(t["recon"], 2), _flat(t["x"]), _flat(t["z"], 2), _flat(t["mu"]),
                                   _flat(t["logvar"]), likelihood=likelihood)
         lay = _layouted(api, t, layout, tuple(t), ("recon", "z"))
-        return api.iwae_bound(lay["x"], lay["recon"], lay["z"], lay["mu"], lay["logvar"], likelihood=likelihood)
+        return api.iwae_bound(lay["recon"], lay["x"], lay["z"], lay["mu"], lay["logvar"], likelihood=likelihood)
 
     Dx, Dz = math.prod(xs[1:]), math.prod(zs[1:])
     return Case(T, tuple(T), call, n_out=(Dx + 2 * Dz,), grads_baseline_rule=True)

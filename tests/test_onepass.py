@@ -45,7 +45,7 @@ def _inputs(device, gen, B=6, Dx=37, Dz=4, dtype=torch.float32):
 
 def _reference_grads(x, recon, mu, lv, scale, reduction="mean", beta=1.3):
     leaves = [t.detach().requires_grad_() for t in (recon, mu, lv)]
-    rows = -R.elbo(x, *leaves, beta=beta).elbo
+    rows = -R.elbo(leaves[0], x, *leaves[1:], beta=beta).elbo
     loss = rows.mean() if reduction == "mean" else rows.sum()
     return torch.autograd.grad(loss * scale, leaves)
 

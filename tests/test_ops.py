@@ -51,10 +51,10 @@ def _gradcheck_cases(B=3, Dx=6, Dz=4):
         "gaussian_full": (lambda be: lambda m, x, s: F.gaussian_log_prob(m, x, s, backend=be), (mean, xg, s_full)),
         "gaussian_scalar": (lambda be: lambda m, x, s: F.gaussian_log_prob(m, x, s, backend=be), (mean, xg, s0)),
         "elbo_bernoulli": (lambda be: lambda x, r, m, v, a, b: tuple(F.elbo(
-            x, r, m, v, prior_mu=a, prior_logvar=b, beta=0.7, backend=be, validate_args=False)),
+            r, x, m, v, prior_mu=a, prior_logvar=b, beta=0.7, backend=be, validate_args=False)),
             (xb, logits, mu, lv, pmu, plv)),
         "elbo_gaussian": (lambda be: lambda x, r, m, v, s: tuple(F.elbo(
-            x, r, m, v, likelihood="gaussian", obs_logvar=s, beta=1.3, backend=be)), (xg, mean, mu, lv, s_vec)),
+            r, x, m, v, likelihood="gaussian", obs_logvar=s, beta=1.3, backend=be)), (xg, mean, mu, lv, s_vec)),
         "elbo_loss_mean": (lambda be: lambda r, x, m, v: fastelbo.ELBOLoss(
             beta=2.0, backend=be, validate_args=False)(r, x, m, v), (logits, xb, mu, lv)),
     }
@@ -91,7 +91,7 @@ def _second_derivative_case(which, backend, dev):
     lv = rand((3, 4), g, -1, 1, dtype=F64).to(dev).requires_grad_()
     if which == "elbo":
         x, recon = rand((3, 5), g, 0, 1, dtype=F64).to(dev), randn((3, 5), g, dtype=F64).to(dev)
-        out, expected = F.elbo(x, recon, mu, lv, backend=backend).kl.sum(), torch.ones_like(mu)  # d2 KL / d mu2
+        out, expected = F.elbo(recon, x, mu, lv, backend=backend).kl.sum(), torch.ones_like(mu)  # d2 KL / d mu2
     elif which == "rsample":
         z = F.rsample(mu, lv, seed=3, backend=backend)
         out, expected = (z * z).sum(), torch.full_like(mu, 2.0)  # d2 sum(z^2) / d mu2, z = mu + ...
@@ -105,7 +105,7 @@ def _second_derivative_case(which, backend, dev):
     elif which == "iwae":  # K = 1, z fixed: -log q(z | mu, lv) gives d2 / d mu2 = e^-lv
         x, recon = rand((3, 5), g, 0, 1, dtype=F64).to(dev), randn((1, 3, 5), g, dtype=F64).to(dev)
         z = randn((1, 3, 4), g, dtype=F64).to(dev)
-        out, expected = F.iwae_bound(x, recon, z, mu, lv, backend=backend).sum(), torch.exp(-lv.detach())
+        out, expected = F.iwae_bound(recon, x, z, mu, lv, backend=backend).sum(), torch.exp(-lv.detach())
     else:  # mu as logits: d2 / d l2 = -sigmoid(l) (1 - sigmoid(l))
         x = rand((3, 4), g, 0, 1, dtype=F64).to(dev)
         out = F.bernoulli_log_prob(mu, x, backend=backend).sum()

@@ -135,11 +135,11 @@ def test_rows_are_independent(backend, B, D, seed):
     x, recon = rand((B, D), g, 0, 1, dtype=F64).to(dev), randn((B, D), g, 2.0, dtype=F64).to(dev)
     mu, lv = randn((B, 3), g, dtype=F64).to(dev), rand((B, 3), g, -1, 1, dtype=F64).to(dev)
     perm = torch.randperm(B, generator=g).to(dev)
-    terms = F.elbo(x, recon, mu, lv, beta=0.6, backend=be)
-    permuted = F.elbo(x[perm], recon[perm], mu[perm], lv[perm], beta=0.6, backend=be)
+    terms = F.elbo(recon, x, mu, lv, beta=0.6, backend=be)
+    permuted = F.elbo(recon[perm], x[perm], mu[perm], lv[perm], beta=0.6, backend=be)
     for a, b in zip(permuted, terms):
         _close(a, b[perm], D + 3, "permuted rows")
-    single = F.elbo(x[:1], recon[:1], mu[:1], lv[:1], beta=0.6, backend=be)
+    single = F.elbo(recon[:1], x[:1], mu[:1], lv[:1], beta=0.6, backend=be)
     _close(single.elbo, terms.elbo[:1], D + 3, "row 0 alone")
 
 
@@ -152,11 +152,11 @@ def test_fused_elbo_equals_its_parts(backend, B, Dx, Dz, seed, beta, gaussian):
     lv, pmu = rand((B, Dz), g, -2, 2, dtype=F64).to(dev), randn((Dz,), g, dtype=F64).to(dev)
     if gaussian:
         x, s = randn((B, Dx), g, dtype=F64).to(dev), rand((Dx,), g, -1, 1, dtype=F64).to(dev)
-        terms = F.elbo(x, recon, mu, lv, likelihood="gaussian", obs_logvar=s, prior_mu=pmu, beta=beta, backend=be)
+        terms = F.elbo(recon, x, mu, lv, likelihood="gaussian", obs_logvar=s, prior_mu=pmu, beta=beta, backend=be)
         ll = F.gaussian_log_prob(recon, x, s, backend=be)
     else:
         x = rand((B, Dx), g, 0, 1, dtype=F64).to(dev)
-        terms = F.elbo(x, recon, mu, lv, prior_mu=pmu, beta=beta, backend=be)
+        terms = F.elbo(recon, x, mu, lv, prior_mu=pmu, beta=beta, backend=be)
         ll = F.bernoulli_log_prob(recon, x, backend=be)
     kl = F.gaussian_kl(mu, lv, pmu, backend=be)
     _close(terms.log_likelihood, ll, Dx, "elbo's log-likelihood vs the op alone")

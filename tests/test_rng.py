@@ -341,7 +341,7 @@ def test_elbo_saves_only_inputs(fused, likelihood):
     pmu, plv = randn((Dz,), g).to(dev).requires_grad_(), rand((Dz,), g, -1, 1).to(dev).requires_grad_()
     obs = rand((Dx,), g, -1, 1).to(dev).requires_grad_() if likelihood == "gaussian" else None
     inputs = [x, recon, mu, lv, pmu, plv] + ([obs] if obs is not None else [])
-    out, saved = _record_saved(lambda: F.elbo(x, recon, mu, lv, likelihood=likelihood, obs_logvar=obs, prior_mu=pmu,
+    out, saved = _record_saved(lambda: F.elbo(recon, x, mu, lv, likelihood=likelihood, obs_logvar=obs, prior_mu=pmu,
                                               prior_logvar=plv, beta=0.5, backend=fused.name))
     assert saved, "the elbo op saved nothing at all: its backward could not work"
     _assert_only_inputs_saved(saved, inputs, B, Dz, "elbo")

@@ -82,10 +82,10 @@ def _check_elbo(x, recon, mu, lv, obs, likelihood, prior, beta=0.8):
     ins = [t.detach().clone().requires_grad_(True) for t in (x, recon, mu, lv)]
     obs_t = obs.detach().clone().requires_grad_(True) if obs is not None else None
     kw = dict(likelihood=likelihood, prior_mu=pm, prior_logvar=pl, beta=beta)
-    out = fastelbo.elbo(*ins, obs_logvar=obs_t, backend="triton", validate_args=False, **kw)
+    out = fastelbo.elbo(ins[1], ins[0], *ins[2:], obs_logvar=obs_t, backend="triton", validate_args=False, **kw)
     ins64 = [t.detach().double().requires_grad_(True) for t in (x, recon, mu, lv)]
     obs64 = obs.detach().double().requires_grad_(True) if obs is not None else None
-    ref = reference.elbo(*ins64, obs_logvar=obs64, **kw)
+    ref = reference.elbo(ins64[1], ins64[0], *ins64[2:], obs_logvar=obs64, **kw)
     g = torch.linspace(-1.5, 2.0, x.shape[0], dtype=torch.float64, device=x.device)  # not 1, mixed signs
     (out.elbo * g.to(x.dtype) + 0.5 * out.kl).sum().backward()
     (ref.elbo * g + 0.5 * ref.kl).sum().backward()
@@ -182,7 +182,7 @@ def test_elbo_backward_none_and_expanded_grads(likelihood):
     ins = [t.double().requires_grad_(True) for t in (x, recon, mu, lv)]
     s64 = s.double().requires_grad_(True) if s is not None else None
     pm64, pl64 = pm.double().requires_grad_(True), pl.double().requires_grad_(True)
-    ref = reference.elbo(*ins, likelihood=likelihood, obs_logvar=s64, prior_mu=pm64, prior_logvar=pl64, beta=beta)
+    ref = reference.elbo(ins[1], ins[0], *ins[2:], likelihood=likelihood, obs_logvar=s64, prior_mu=pm64, prior_logvar=pl64, beta=beta)
     (ref.elbo * g_elbo.double() + ref.kl * g_kl.double()).sum().backward()
     expected = [t.grad for t in ins] + [s64.grad if s64 is not None else None, pm64.grad, pl64.grad]
     names = ("dx", "drecon", "dmu", "dlogvar", "dobs_logvar", "dprior_mu", "dprior_logvar")
@@ -341,7 +341,7 @@ def test_auto_picks_triton_for_cuda_tensors():
 # ---------------------------------------------------------------------------
 def _vae_loss(x, recon, mu, lv, obs):
     z = fastelbo.rsample(mu, lv, seed=1234, backend="triton")
-    terms = fastelbo.elbo(x, recon, mu, lv, likelihood="gaussian", obs_logvar=obs, prior_mu=0.1, prior_logvar=-0.3,
+    terms = fastelbo.elbo(recon, x, mu, lv, likelihood="gaussian", obs_logvar=obs, prior_mu=0.1, prior_logvar=-0.3,
                           beta=0.5, backend="triton")
     kl = fastelbo.gaussian_kl(mu, lv, backend="triton")
     ll = torch.ops.fastelbo.triton_bernoulli_log_prob(recon, x.clamp(0, 1), False)

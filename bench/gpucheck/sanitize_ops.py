@@ -138,14 +138,14 @@ def op_cases(F, make: Maker, b: int, dx: int, dz: int, layout: str, backend: str
         x, recon = make((b, dx), 0, 1, layout=layout), make((b, dx), layout=layout)
         mu, lv = make((b, dz), layout=layout), make((b, dz), -1, 1, layout=layout)
         pm, pl = make((dz,)), make((dz,), -1, 1)
-        t = F.elbo(x, recon, mu, lv, prior_mu=pm, prior_logvar=pl, beta=0.7, backend=backend, validate_args=True)
+        t = F.elbo(recon=recon, x=x, mu=mu, logvar=lv, prior_mu=pm, prior_logvar=pl, beta=0.7, backend=backend, validate_args=True)
         _backward(list(t), [x, recon, mu, lv, pm, pl])
 
     def elbo_gaussian_k():
         x, obs = make((b, dx), layout=layout), make((dx,), -1, 1)
         recon = make((K, b, dx))
         mu, lv = make((b, dz), layout=layout), make((b, dz), -1, 1, layout=layout)
-        t = F.elbo(x, recon, mu, lv, likelihood="gaussian", obs_logvar=obs, prior_mu=0.2, prior_logvar=-0.1,
+        t = F.elbo(recon=recon, x=x, mu=mu, logvar=lv, likelihood="gaussian", obs_logvar=obs, prior_mu=0.2, prior_logvar=-0.1,
                    backend=backend)
         _backward(list(t), [x, recon, mu, lv, obs])
 
@@ -155,7 +155,7 @@ def op_cases(F, make: Maker, b: int, dx: int, dz: int, layout: str, backend: str
             recon, z = make((K, b, dx)), make((K, b, dz))
             mu, lv = make((b, dz), layout=layout), make((b, dz), -1, 1, layout=layout)
             obs = make((dx,), -1, 1) if likelihood == "gaussian" else None
-            bound = F.iwae_bound(x, recon, z, mu, lv, likelihood=likelihood, obs_logvar=obs, prior_mu=0.1,
+            bound = F.iwae_bound(recon=recon, x=x, z=z, mu=mu, logvar=lv, likelihood=likelihood, obs_logvar=obs, prior_mu=0.1,
                                  backend=backend)
             _backward([bound], [x, recon, z, mu, lv, obs])
 

@@ -284,12 +284,12 @@ class ELBO(Op):
         return ((s.B,),)
 
     def reference(self, t, eps):
-        return (R.elbo(t["x"], t["recon"], t["mu"], t["logvar"]).elbo,)
+        return (R.elbo(recon=t["recon"], x=t["x"], mu=t["mu"], logvar=t["logvar"]).elbo,)
 
     def fastelbo(self, t, backend):
         import fastelbo
 
-        return (fastelbo.elbo(t["x"], t["recon"], t["mu"], t["logvar"], backend=backend).elbo,)
+        return (fastelbo.elbo(recon=t["recon"], x=t["x"], mu=t["mu"], logvar=t["logvar"], backend=backend).elbo,)
 
     def model(self, s, pass_):
         nx, nz = s.B * s.Dx, s.B * s.Dz
@@ -320,7 +320,7 @@ class Step(Op):
 
     def reference(self, t, eps):
         z = R.rsample(t["mu"], t["logvar"], eps=eps)
-        terms = R.elbo(t["x"], t["recon"], t["mu"], t["logvar"])
+        terms = R.elbo(recon=t["recon"], x=t["x"], mu=t["mu"], logvar=t["logvar"])
         return (-terms.elbo.mean(), z)
 
     def fastelbo(self, t, backend):
@@ -379,12 +379,12 @@ class IWAE(Op):
         return ((s.B,),)
 
     def reference(self, t, eps):
-        return (R.iwae_bound(t["x"], t["recon"], t["z"], t["mu"], t["logvar"]),)
+        return (R.iwae_bound(recon=t["recon"], x=t["x"], z=t["z"], mu=t["mu"], logvar=t["logvar"]),)
 
     def fastelbo(self, t, backend):
         import fastelbo
 
-        return (fastelbo.iwae_bound(t["x"], t["recon"], t["z"], t["mu"], t["logvar"], backend=backend),)
+        return (fastelbo.iwae_bound(recon=t["recon"], x=t["x"], z=t["z"], mu=t["mu"], logvar=t["logvar"], backend=backend),)
 
     def model(self, s, pass_):
         nx, nz, K = s.B * s.Dx, s.B * s.Dz, self.K

@@ -301,7 +301,7 @@ def overhead_callables(shape=C.TINY, dtype="float32", device="cpu", backends=("c
             "gaussian": (lambda b=b: fastelbo.gaussian_log_prob(recon, x, s_vec, backend=b),
                          lambda: ops.gaussian_log_prob(recon, x, s_exp),
                          lambda: ops.gaussian_log_prob.default.redispatch(ks, recon, x, s_exp)),
-            "elbo": (lambda b=b: fastelbo.elbo(x, recon, mu, lv, backend=b),
+            "elbo": (lambda b=b: fastelbo.elbo(recon=recon, x=x, mu=mu, logvar=lv, backend=b),
                      lambda: ops.elbo(*elbo_args),
                      lambda: ops.elbo.default.redispatch(ks, *elbo_args)),
             # the module: fastelbo.elbo plus -elbo.mean()

@@ -3,6 +3,7 @@ line reports on, and plain-text tables."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -35,6 +36,60 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
     if ok and device_type == "cuda" and not cuda_present():
         return False, NO_CUDA
     return ok, why
+
+
+# The options `check` and `bench` share, with one name and one form each: comma-separated lists for
+# --dtype and --shape (the plural spellings are aliases), fixed choices for --device.
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+
+
+def _checked(parse):
+    """An argparse type: the text as given, once `parse` accepts it (a usage error, exit 2, otherwise)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
+
+
+def add_dtype_option(parser, default: str | None, help_default: str) -> None:
+    parser.add_argument("--dtype", "--dtypes", dest="dtypes", default=default, metavar="DTYPE[,DTYPE...]",
+                        type=_checked(lambda t: parse_dtypes(t)),
+                        help=f"comma-separated dtypes from {', '.join(DTYPE_NAMES)} (default {help_default})")
+
+
+def add_shape_option(parser, default: str | None, help_default: str, strict: bool = True) -> None:
+    """strict: every entry is BxDXxDZ (bench also takes a family name of its sweep, checked there)."""
+    parser.add_argument("--shape", "--shapes", dest="shapes", default=default, metavar="BxDXxDZ[,...]",
+                        type=_checked(lambda t: [parse_shape(s) for s in csv(t)] if strict else None),
+                        help=f"comma-separated shapes, batch x data features x latent features, e.g. 64x784x32 "
+                             f"(default {help_default})")
+
+
+def add_device_option(parser, help_auto: str) -> None:
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=f"{help_auto} (default auto)")
+
+
+def csv(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def parse_dtypes(text: str) -> list[str]:
+    names = csv(text)
+    bad = [d for d in names if d not in DTYPE_NAMES]
+    if bad or not names:
+        raise ValueError(f"--dtype: unknown dtype(s) {bad or [text]}; choose from {', '.join(DTYPE_NAMES)}")
+    return names
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--shape must be BxDXxDZ with positive integers (e.g. 64x784x32); got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def one_line(text: str, limit: int = 160) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ._common import add_device_option, add_dtype_option, add_shape_option
+
 
 def _csv(text):
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
@@ -31,11 +33,11 @@ def add_arguments(parser) -> None:
                       help="the full sweep: every shape, float32 and bfloat16 (also FASTELBO_BENCH_FULL=1)")
     what.add_argument("--ops", help="comma-separated op families: rsample,kl,kl-learned,bernoulli,gaussian,elbo,step")
     what.add_argument("--passes", help="comma-separated passes: fwd,fwd+bwd")
-    what.add_argument("--shapes", help="comma-separated BxDxxDz shapes, e.g. 4096x784x64,32x64x8")
-    what.add_argument("--dtypes", help="comma-separated dtypes, e.g. float32,bfloat16")
+    add_shape_option(what, None, "the sweep's; a family name of the full sweep works too", strict=False)
+    add_dtype_option(what, None, "the sweep's")
     what.add_argument("--impls", help="comma-separated implementations, e.g. eager,compile,fastelbo-cpu "
                                       "(the speedup columns need eager and compile)")
-    what.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present; default auto)")
+    add_device_option(what, "cpu or cuda; auto: cuda when present, else cpu")
     what.add_argument("--threads", type=int, help="torch.set_num_threads before running")
     how = parser.add_argument_group("measurement")
     how.add_argument("--rounds", type=int, help="interleaved timing rounds per case (quick 11, full 15)")

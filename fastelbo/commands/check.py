@@ -13,6 +13,7 @@ not build), 0 otherwise; a backend that cannot run here is listed as
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import math
@@ -25,7 +26,8 @@ import torch
 
 from .. import _build, functional, reference
 from .._accuracy import BASELINE_FACTOR, baseline_bound
-from ._common import KERNEL_BACKENDS, NO_CUDA, TARGET_DEVICES, availability, cuda_present, error, one_line, table
+from ._common import (KERNEL_BACKENDS, NO_CUDA, TARGET_DEVICES, add_device_option, add_dtype_option, add_shape_option,
+                      availability, csv, cuda_present, error, one_line, parse_dtypes, parse_shape, table)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,15 +75,19 @@ TRITON_CPU_SHAPE = (8, 40, 6)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="input dtype (default float32)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="check only this device type (default: cpu, and cuda when present)")
+    add_dtype_option(parser, "float32", "float32")
+    add_shape_option(parser, None, "64x784x32")
+    add_device_option(parser, "cpu or cuda: check only this device type; auto: cpu, and cuda when present")
     parser.add_argument("--backend", choices=list(KERNEL_BACKENDS), action="append", default=None,
                         help="check only this backend (repeatable; default: all of them)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and of rsample (default 0)")
-    parser.add_argument("--batch", type=int, default=64, metavar="B", help="rows (default 64)")
-    parser.add_argument("--x-dim", type=int, default=784, metavar="DX", help="data features (default 784)")
-    parser.add_argument("--z-dim", type=int, default=32, metavar="DZ", help="latent features (default 32)")
+    # fastelbo 0.1's spelling of --shape, kept working (not advertised): --shape BxDXxDZ as in bench.
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--x-dim", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--z-dim", type=int, default=None, help=argparse.SUPPRESS)
+
+
+DEFAULT_SHAPE = (64, 784, 32)
 
 
 # ---------------------------------------------------------------------------
@@ -120,20 +126,20 @@ def make_cases(batch: int, x_dim: int, z_dim: int, seed: int) -> list[Case]:
         Case("gaussian_log_prob", {"mean": randn(B, Dx), "x": randn(B, Dx), "logvar": randn(Dx, scale=0.3)},
              lambda api, mean, x, logvar: (api("gaussian_log_prob")(mean, x, logvar),)),
         Case("elbo (bernoulli)", {"x": rand(B, Dx), "recon": randn(B, Dx, scale=2.0), **latent()},
-             lambda api, x, recon, mu, logvar: tuple(api("elbo")(x, recon, mu, logvar, likelihood="bernoulli"))),
+             lambda api, x, recon, mu, logvar: tuple(api("elbo")(recon=recon, x=x, mu=mu, logvar=logvar, likelihood="bernoulli"))),
         Case("elbo (gaussian)",
              {"x": randn(B, Dx), "recon": randn(B, Dx), **latent(), "obs_logvar": randn(Dx, scale=0.3),
               "prior_mu": randn(Dz, scale=0.5), "prior_logvar": randn(Dz, scale=0.3)},
              lambda api, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar: tuple(
-                 api("elbo")(x, recon, mu, logvar, likelihood="gaussian", obs_logvar=obs_logvar, prior_mu=prior_mu,
+                 api("elbo")(recon=recon, x=x, mu=mu, logvar=logvar, likelihood="gaussian", obs_logvar=obs_logvar, prior_mu=prior_mu,
                              prior_logvar=prior_logvar, beta=0.5))),
         Case("rsample (K=4)", latent(),
              lambda api, mu, logvar: (api("rsample")(mu, logvar, num_samples=4, seed=rsample_seed),)),
         Case("elbo (K=4 samples)", {"x": rand(B, Dx), "recon": randn(4, B, Dx, scale=2.0), **latent()},
-             lambda api, x, recon, mu, logvar: tuple(api("elbo")(x, recon, mu, logvar, beta=0.7))),
+             lambda api, x, recon, mu, logvar: tuple(api("elbo")(recon=recon, x=x, mu=mu, logvar=logvar, beta=0.7))),
         Case("iwae_bound (K=4)",
              {"x": rand(B, Dx), "recon": randn(4, B, Dx, scale=2.0), "z": randn(4, B, Dz), **latent()},
-             lambda api, x, recon, z, mu, logvar: (api("iwae_bound")(x, recon, z, mu, logvar),)),
+             lambda api, x, recon, z, mu, logvar: (api("iwae_bound")(recon=recon, x=x, z=z, mu=mu, logvar=logvar),)),
         Case("free_bits_kl", latent(),
              lambda api, mu, logvar: (api("free_bits_kl")(mu, logvar, 0.3),)),
     ]
@@ -263,15 +269,42 @@ def _err(value: float | None) -> str:
 
 
 # ---------------------------------------------------------------------------
-def run(args) -> int:
-    dtype = DTYPES[args.dtype]
-    if min(args.batch, args.x_dim, args.z_dim) < 1:
-        return error("check", "--batch, --x-dim and --z-dim must be at least 1")
-    if args.device == "cuda" and not cuda_present():
-        return error("check", f"--device cuda: {NO_CUDA}")
-    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if cuda_present() else [])
+def _shapes(args) -> list[tuple[int, int, int]]:
+    old = (args.batch, args.x_dim, args.z_dim)
+    if any(v is not None for v in old):
+        if args.shapes:
+            raise ValueError("pass --shape BxDXxDZ, not --shape with --batch/--x-dim/--z-dim")
+        shape = tuple(d if v is None else v for v, d in zip(old, DEFAULT_SHAPE))
+        if min(shape) < 1:
+            raise ValueError("--batch, --x-dim and --z-dim must be at least 1 (prefer --shape BxDXxDZ)")
+        return [shape]
+    return [parse_shape(text) for text in csv(args.shapes)] if args.shapes else [DEFAULT_SHAPE]
 
-    print(f"fastelbo check: dtype {args.dtype}, B={args.batch} Dx={args.x_dim} Dz={args.z_dim}, seed {args.seed}")
+
+def run(args) -> int:
+    try:
+        dtype_names, shapes = parse_dtypes(args.dtypes), _shapes(args)
+    except ValueError as exc:
+        return error("check", str(exc))
+    device = None if args.device == "auto" else args.device
+    if device == "cuda" and not cuda_present():
+        return error("check", f"--device cuda: {NO_CUDA}")
+    status = 0
+    for i, (name, shape) in enumerate((n, s) for n in dtype_names for s in shapes):
+        if i:
+            print()
+        status = max(status, _run_one(args, name, shape, device))
+    return status
+
+
+def _run_one(args, dtype_name: str, full_shape: tuple[int, int, int], device_choice: str | None) -> int:
+    """One dtype and shape: the table, its footer, 1 when a check failed."""
+    dtype = DTYPES[dtype_name]
+    batch, x_dim, z_dim = full_shape
+    devices = [device_choice] if device_choice else ["cpu"] + (["cuda"] if cuda_present() else [])
+
+    print(f"fastelbo check: dtype {dtype_name}, shape {batch}x{x_dim}x{z_dim} (B={batch} Dx={x_dim} Dz={z_dim}), "
+          f"seed {args.seed}")
     start = time.perf_counter()
     build_failure = None
     if not args.backend or "cpu" in args.backend:
@@ -302,8 +335,8 @@ def run(args) -> int:
             ok, reason = availability(backend, device)
             if not ok:
                 why = f"unavailable: {one_line(reason)}"
-            elif args.device and args.device not in targets:
-                why = f"skipped: --device {args.device}"
+            elif device_choice and device_choice not in targets:
+                why = f"skipped: --device {device_choice}"
             else:  # pragma: no cover - availability() already says so without a device
                 why = f"unavailable: {NO_CUDA}"
             add(backend, device, "all", why)
@@ -313,20 +346,20 @@ def run(args) -> int:
             if not ok:
                 add(backend, device, "all", f"unavailable: {one_line(reason)}")
                 continue
-            shape = (args.batch, args.x_dim, args.z_dim)
+            shape = full_shape
             if backend == "triton" and device == "cpu":
                 shape = tuple(min(a, b) for a, b in zip(shape, TRITON_CPU_SHAPE))
             with _strict():
                 for case in make_cases(*shape, seed=args.seed):
                     res = run_case(case, backend, device, dtype, args.seed)
                     status = "ok" if res.failure is None else f"FAIL: {res.failure}"
-                    label = case.name if shape == (args.batch, args.x_dim, args.z_dim) else \
+                    label = case.name if shape == full_shape else \
                         f"{case.name} [{shape[0]}x{shape[1]}/{shape[2]}]"
                     add(backend, device, label, status, res.fwd_err, res.grad_err, res.ratio)
 
     print(table(headers, rows))
     print()
-    print(tolerance_note(dtype, max(args.batch, args.x_dim, args.z_dim)))
+    print(tolerance_note(dtype, max(full_shape)))
     print("err/tol: the worst error over the error allowed (<= 1 is ok).")
     print("reference: fastelbo.reference (torch.distributions) in float64 on the same rounded inputs; "
           "backward with random upstream gradients.")

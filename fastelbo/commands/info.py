@@ -13,11 +13,11 @@ from importlib import metadata
 
 import torch
 
-from .. import __version__, _build
+from .. import __version__, _build, _toolchain
 from ._common import KERNEL_BACKENDS, availability, cuda_present, one_line, table
 
-ENV_VARS = ("FASTELBO_BACKEND", "FASTELBO_STRICT", "FASTELBO_CACHE_DIR", "FASTELBO_VERBOSE_BUILD", "TRITON_INTERPRET",
-            "CXX", "CUDA_HOME")
+ENV_VARS = ("FASTELBO_BACKEND", "FASTELBO_STRICT", "FASTELBO_CACHE_DIR", "FASTELBO_VERBOSE_BUILD", "FASTELBO_QUIET_BUILD",
+            "FASTELBO_NINJA", "FASTELBO_LOGITS_CHECK", "TRITON_INTERPRET", "CXX", "CUDA_HOME")
 
 
 def add_arguments(parser) -> None:
@@ -68,12 +68,31 @@ def _cuda_toolkit() -> str:
     return f"{where}; CUDA kernels can be built" if ok else f"{where}; CUDA kernels cannot be built: {why}"
 
 
-def _compiler() -> str:
-    cxx = os.environ.get("CXX", "c++")
-    path = shutil.which(cxx)
-    if path is None:
-        return f"{cxx!r} not found on PATH (install g++, e.g. apt-get install g++)"
-    return f"{path}: {_first_line([path, '--version'])}"
+def _tool(pick) -> str:
+    """The ninja / compiler that builds the kernels (fastelbo/_toolchain.py), not merely the first on PATH."""
+    try:
+        tool = pick()
+    except _toolchain.ToolchainError as exc:
+        return str(exc)
+    return f"{tool.path}: {tool.version} ({tool.why})"
+
+
+def _other_ninjas(chosen: str) -> str:
+    others = []
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        p = os.path.join(d, "ninja")
+        if d and os.path.isfile(p) and os.access(p, os.X_OK) and os.path.realpath(p) != chosen:
+            real = os.path.realpath(p)
+            if real not in others:
+                others.append(real)
+    return f"; also on PATH, not used: {', '.join(others)}" if others else ""
+
+
+def _ninja_path() -> str:
+    try:
+        return str(_toolchain.ninja().path)
+    except _toolchain.ToolchainError:
+        return ""
 
 
 def _cuda() -> str:
@@ -100,11 +119,11 @@ def run(args) -> int:
         ("torch", torch.__version__),
         ("triton", _dist_version("triton")),
         ("numpy", _dist_version("numpy")),
-        ("ninja", _dist_version("ninja")),
+        ("ninja", _tool(_toolchain.ninja) + _other_ninjas(_ninja_path())),
         ("CUDA", _cuda()),
         ("nvcc", _nvcc()),
         ("CUDA toolkit", _cuda_toolkit()),
-        ("compiler", _compiler()),
+        ("compiler", _tool(_toolchain.compiler)),
         ("CPU", f"capability {cap} (torch dispatches {torch_cap}), {torch.get_num_threads()} torch threads, "
                 f"{os.cpu_count()} cores"),
         ("build cache", f"{_build.cache_root()}"
@@ -119,7 +138,7 @@ def run(args) -> int:
         print(f"{key.ljust(width)}  {value}")
     sys.stdout.flush()
 
-    # available() builds/loads the C++ kernels (a first build takes a minute).
+    # available() builds/loads the C++ kernels; a first build says so on stderr (fastelbo/_build_notice.py).
     rows = []
     for backend in KERNEL_BACKENDS + ("reference",):
         for device in ("cpu", "cuda"):
