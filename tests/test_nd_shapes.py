@@ -301,7 +301,7 @@ def test_shape_errors_name_both_shapes():
     with pytest.raises(ValueError, match=r"logits.*\(2, 1, 8, 8\).*\(2, 1, 8, 7\)"):
         fastelbo.bernoulli_log_prob(torch.zeros(2, 1, 8, 7), torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"recon.*\[K, \*x.shape\].*\(2, 1, 8, 8\).*\(3, 2, 1, 8, 7\)"):
-        fastelbo.elbo(torch.zeros(2, 1, 8, 8), torch.zeros(3, 2, 1, 8, 7), mu, mu)
+        fastelbo.elbo(recon=torch.zeros(3, 2, 1, 8, 7), x=torch.zeros(2, 1, 8, 8), mu=mu, logvar=mu)
     with pytest.raises(ValueError, match=r"batch size of x \(2\); got 3"):
         fastelbo.elbo(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.zeros(3, 4, 2, 2),
                       torch.zeros(3, 4, 2, 2))

@@ -140,7 +140,8 @@ def test_double_backward_through_the_c_autograd_ops_is_never_silently_wrong(fuse
 # ---------------------------------------------------------------------------
 DEFAULT_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 FORWARD = _ops.FAMILIES
-OPS = FORWARD + tuple(f + "_backward" for f in FORWARD) + ("philox_noise",)
+# elbo_loss: ELBOLoss's one-pass reduced loss with its gradients (docs/design.md §5); no backward op.
+OPS = FORWARD + tuple(f + "_backward" for f in FORWARD) + ("philox_noise", "elbo_loss")
 
 
 def _permuted(t):
@@ -206,6 +207,19 @@ def sample_inputs(op: str, device, requires_grad: bool, B=3, Dx=7, Dz=5):
                          all7),
                         (rowv(), rowv(), None, unit(), t((2, *x), -4, 4), t(z), t(z), None, pmu, plv, "bernoulli",
                          1.0, all7)]
+        elif op == "elbo_loss":
+            # output_mask as ELBOLoss builds it: the inputs that require grad (fastelbo/loss.py).
+            def loss_args(*a, validate=None):
+                mask = [isinstance(v, torch.Tensor) and v.requires_grad for v in a[:7]]
+                return (*a, mask) if validate is None else (*a, mask, validate)
+
+            if rows == 0:  # "mean" of no rows is NaN (as torch.mean) and opcheck's NaN != NaN; "sum" is 0.
+                samples += [loss_args(unit(), t(x, -4, 4), t(z), t(z), None, pmu, plv, "bernoulli", 0.5, "sum")]
+                continue   # the empty "mean" batch is covered by tests/test_onepass.py
+            samples += [loss_args(unit(), t(x, -4, 4), t(z), t(z), None, None, None, "bernoulli", 1.0, "mean"),
+                        loss_args(unit(), t(x, -4, 4), t(z), t(z), None, pmu, plv, "bernoulli", 0.5, "sum",
+                                  validate=True),
+                        loss_args(t(x), t((3, *x)), t(z), t(z), t((1, Dx)), pmu, plv, "gaussian", 0.5, "mean")]
         elif op == "iwae_bound":
             samples += [(unit(), t((3, *x), -4, 4), t((3, *z)), t(z), t(z), None, None, None, "bernoulli"),
                         (unit(), t((2, *x), -4, 4), t((2, *z)), t(z), t(z), None, pmu, plv, "bernoulli", True),
@@ -233,16 +247,29 @@ def sample_inputs(op: str, device, requires_grad: bool, B=3, Dx=7, Dz=5):
     return samples
 
 
+# The backends where ELBOLoss takes the one-pass path (fastelbo/loss.py _ONEPASS_PREFIX) plus CUDA's, whose
+# elbo_loss is the same registered op as the CPU's.
+ONE_PASS_ROUTED = ("cpu", "cuda")
+
+
 def _op_params():
     params = []
     for bp in FUSED_BACKENDS:
         for op in OPS:
+            if op == "elbo_loss" and bp.values[0].name not in ONE_PASS_ROUTED:
+                continue  # test_one_pass_composites_opcheck below
             params.append(pytest.param(bp.values[0], op, id=f"{bp.id}-{op}", marks=bp.marks))
     return params
 
 
 def _resolve_op(backend, op):
     """The torch op behind `op` for a backend (the namespace the API dispatches to)."""
+    if op == "elbo_loss":  # ELBOLoss reaches the one-pass ops through fastelbo/_onepass.py, not the API's namespace
+        from fastelbo import _onepass
+        from fastelbo.loss import ONEPASS_OPS
+
+        packet = _onepass.op_for(ONEPASS_OPS[backend.name])
+        return packet.default if isinstance(packet, torch._ops.OpOverloadPacket) else packet
     ns = _backend.impl(backend.name, torch.device(backend.device))
     packet = getattr(ns, op, None)
     if packet is None and op == "philox_noise" and backend.name == "triton":
@@ -268,10 +295,22 @@ def test_opcheck(backend, op, requires_grad):
         opcheck(target, args, test_utils=utils)
 
 
+@pytest.mark.xfail(strict=True, reason="open: the Triton and emulated-CUDA one-pass composites (fastelbo/_onepass.py) "
+                   "fail opcheck's schema test (their fake kernel is called without likelihood, beta, reduction, "
+                   "output_mask) and accept tensors on two devices; ELBOLoss does not route to them")
+@pytest.mark.parametrize("name", ["triton", "cuda-emulated"])
+def test_one_pass_composites_opcheck(name):
+    backend = next(bp.values[0] for bp in FUSED_BACKENDS if bp.values[0].name == name)
+    target = _resolve_op(backend, "elbo_loss")
+    for args in sample_inputs("elbo_loss", backend.device, False):
+        opcheck(target, args, test_utils=DEFAULT_UTILS)
+
+
 def test_every_registered_op_is_opchecked():
     """No fastelbo:: op escapes the opcheck list above (a new op must be added to sample_inputs)."""
     registered = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
                   if n.startswith("fastelbo::")}
+    # triton_elbo_loss and emu_elbo_loss: test_one_pass_composites_opcheck (an open defect, strict xfail)
     covered = set(OPS) | {f"triton_{op}" for op in OPS if op != "philox_noise"} | {f"emu_{op}" for op in OPS}
     missing = registered - covered
     assert not missing, f"fastelbo:: ops without opcheck coverage: {sorted(missing)}"

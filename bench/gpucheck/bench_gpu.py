@@ -72,6 +72,8 @@ def plan() -> list:
     out = [C.Case("step", fb, s["dram"], "float32"), C.Case("step", fb, s["target"], "float32")]
     out += [C.Case(op, fb, s["dram"], "float32") for op in ROW_OPS]
     out += [C.Case(op, fb, s["dram-latent"], "float32") for op in LATENT_OPS]
+    # the image-shaped step and a hierarchical layer's KL between two learned Gaussians
+    out += [C.Case("step-nd", fb, s["target"], "float32"), C.Case("kl-learned", fb, s["dram-latent"], "float32")]
     out += [C.Case("step", fb, s["tiny"], "float32"), C.Case("step", fb, s["long-rows"], "float32"),
             C.Case("elbo", fb, s["long-rows"], "float32")]
     out += [C.Case("step", fb, s["dram"], "bfloat16"), C.Case("step", fb, s["target"], "bfloat16")]
