@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-design_doc = ROOT / "docs" / "design.md"
+DOC = ROOT / "docs" / "design.md"
 CITING = ["fastelbo", "kernels", "csrc", "tests", "bench", "docs", "examples", "README.md"]
 SUFFIXES = {".py", ".h", ".cpp", ".cu", ".md", ".sh", ".json"}
 
@@ -19,7 +19,7 @@ _PATH = re.compile(r"`([A-Za-z0-9_./-]+/[A-Za-z0-9_.-]+)`")
 
 def _sections() -> dict[int, str]:
     """{N: the text of section N} of docs/design.md (headings "## N. Title")."""
-    parts = re.split(r"^## (\d+)\. .*$", design_doc.read_text(), flags=re.MULTILINE)
+    parts = re.split(r"^## (\d+)\. .*$", DOC.read_text(), flags=re.MULTILINE)
     return {int(n): body for n, body in zip(parts[1::2], parts[2::2])}
 
 
