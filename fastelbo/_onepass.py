@@ -47,7 +47,7 @@ def composite(ops):
             grads = ops.elbo_backward(g, None, None, x, recon, mu, logvar, obs_logvar, prior_mu, prior_logvar,
                                       likelihood, beta, list(output_mask))
         else:
-            grads = _ops.elbo_loss_fake(x, recon, mu, obs_logvar, prior_mu, likelihood, [False] * 7)[1:]
+            grads = _ops._fake_elbo_grads(x, recon, mu, obs_logvar, prior_mu, likelihood, [False] * 7)
         return (loss,) + tuple(grads)
 
     return elbo_loss
@@ -106,7 +106,7 @@ def define_twin(prefix: str, ops, lib) -> None:
             return
         name = f"{prefix}elbo_loss"
         lib.define(name + _ops.ELBO_LOSS_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
-        torch.library.register_fake(f"fastelbo::{name}", _ops.elbo_loss_fake, lib=lib)
+        _ops._register_fake(name, lib=lib)(_ops.elbo_loss_fake)
         run = composite(ops)
         for key in ("CPU", "CUDA"):
             lib.impl(name, run, key)

@@ -116,8 +116,9 @@ def _check_one_device(names, args, kwargs) -> None:
         torch._check(ok, lambda: f"fastelbo: {name} must be on {first_t.device} like {first_name}, got {t.device}")
 
 
-def _register_fake(op: str):
-    """register_fake for fastelbo::<op>, the one-device check ahead of the shape function."""
+def _register_fake(op: str, lib=None):
+    """register_fake for fastelbo::<op> (in `lib`, a backend's own library, if given), the one-device check
+    ahead of the shape function."""
     names = [a.name for a in getattr(ops, op).default._schema.arguments]
 
     def decorator(fn):
@@ -126,7 +127,7 @@ def _register_fake(op: str):
             _check_one_device(names, args, kwargs)
             return fn(*args, **kwargs)
 
-        return torch.library.register_fake(f"fastelbo::{op}")(fake)
+        return torch.library.register_fake(f"fastelbo::{op}", lib=lib)(fake)
 
     return decorator
 
