@@ -170,13 +170,19 @@ def _table(results) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.slow
-def test_every_kernel_builds_for_sm80_sm90_without_spills():
+def run_as_script(path: str, timeout: int) -> list:
+    """The JSON results a compile script prints last, run in a child without TRITON_INTERPRET
+    (the interpreter replaces the compiler this needs)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, f"kernel compilation failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_every_kernel_builds_for_sm80_sm90_without_spills():
+    results = run_as_script(__file__, timeout=900)
     print("\n" + _table(results))
     assert len(results) == len(jobs())
     for kernel in VARIANTS:  # every kernel x dtype x arch

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_triton_cubin import VARIANTS, _ptxas_report, _signature  # noqa: E402
+from test_triton_cubin import VARIANTS, _ptxas_report, _signature, run_as_script  # noqa: E402
 
 ARCH = 90
 DTYPES = ("fp32", "bf16")
@@ -172,11 +172,7 @@ KNOWN_LOCAL = {"rsample_fwd", "rsample_bwd"}
 
 @pytest.fixture(scope="module")
 def results():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1500)
-    assert proc.returncode == 0, f"kernel compilation failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_as_script(__file__, timeout=1500)
     print("\n" + table(out))
     assert len(out) == len(jobs())
     return {(r["kernel"], r["dtype"]): r for r in out}
