@@ -102,11 +102,12 @@ class ELBOLoss(nn.Module):
             return None
         if not _onepass.wanted((recon, x, mu, logvar, kw["obs_logvar"], kw["prior_mu"], kw["prior_logvar"])):
             return None
-        args = v.elbo_args(x, recon, mu, logvar, self.likelihood, kw["obs_logvar"], kw["prior_mu"],
-                           kw["prior_logvar"], self.beta, self.validate_args)
-        prefix = _ONEPASS_PREFIX.get(resolve(self.backend, recon.device.type))
+        # The backend first: where it has no one-pass path, elbo() validates the arguments (once).
+        prefix = _ONEPASS_PREFIX.get(resolve(self.backend, recon.device.type)) if torch.is_tensor(recon) else None
         if prefix is None:
             return None
+        args = v.elbo_args(x, recon, mu, logvar, self.likelihood, kw["obs_logvar"], kw["prior_mu"],
+                           kw["prior_logvar"], self.beta, self.validate_args)
         mask = [isinstance(t, torch.Tensor) and t.requires_grad for t in args[:7]]
         return _onepass.op_for(prefix)(*args[:9], self.reduction, mask, args[9])[0]
 
