@@ -60,7 +60,8 @@ def checked(fn: str, logits: torch.Tensor, x: torch.Tensor, logits_name: str, ca
         if X_RANGE_MARK not in str(exc) or not (_concrete(x) and _concrete(logits)):
             raise
         raise ValueError(x_range_message(fn, logits, x, logits_name)) from None
-    if (not torch.compiler.is_compiling() and likelihood == "bernoulli" and fn not in _checked and enabled()
+    # After the first call of fn only the set lookup runs: cheapest test first.
+    if (fn not in _checked and likelihood == "bernoulli" and not torch.compiler.is_compiling() and enabled()
             and _concrete(logits)):
         _checked.add(fn)
         lo, hi = _range(logits)
